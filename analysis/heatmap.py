@@ -1,0 +1,179 @@
+"""Instance scores -> a small raster (one cell per grid cell) -> DeepZoom overlay tiles.
+
+The overlay has exactly the geometry of OpenSlide's ``DeepZoomGenerator`` for the slide
+(``limit_bounds=False``), so OpenSeadragon stacks it pixel-true over the slide tiles.
+Rendering a tile is a lookup of each tile pixel's level-0 centre in the raster plus a
+colour-map lookup: O(tile pixels), independent of how many patches the slide has.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+from PIL import Image
+
+_COLORMAP_STOPS = [  # a perceptually ordered blue -> yellow -> red ramp
+    (0.00, (49, 54, 149)),
+    (0.25, (69, 117, 180)),
+    (0.45, (171, 217, 233)),
+    (0.60, (254, 224, 144)),
+    (0.80, (244, 109, 67)),
+    (1.00, (165, 0, 38)),
+]
+
+
+def colormap_lut(n: int = 256) -> np.ndarray:
+    """(n, 3) uint8 colour ramp used for score overlays and the viewer's legend."""
+    xs = np.linspace(0.0, 1.0, n)
+    stops = np.array([s for s, _ in _COLORMAP_STOPS])
+    rgb = np.array([c for _, c in _COLORMAP_STOPS], dtype=np.float64)
+    lut = np.stack([np.interp(xs, stops, rgb[:, k]) for k in range(3)], axis=1)
+    return np.round(lut).astype(np.uint8)
+
+
+def normalise_scores(scores: np.ndarray) -> np.ndarray:
+    """Rank-free min-max scaling to [0, 1]; a constant score map becomes 0.5 everywhere."""
+    scores = np.asarray(scores, dtype=np.float64)
+    lo, hi = float(np.min(scores)), float(np.max(scores))
+    if not math.isfinite(lo) or not math.isfinite(hi) or hi - lo < 1e-12:
+        return np.full(scores.shape, 0.5, dtype=np.float32)
+    return ((scores - lo) / (hi - lo)).astype(np.float32)
+
+
+def score_raster(grid_rc: np.ndarray, scores: np.ndarray, n_rows: int, n_cols: int) -> np.ndarray:
+    """(n_rows, n_cols) float32 raster; cells without a patch are NaN."""
+    grid_rc = np.asarray(grid_rc, dtype=np.int64)
+    raster = np.full((n_rows, n_cols), np.nan, dtype=np.float32)
+    if len(grid_rc):
+        raster[grid_rc[:, 0], grid_rc[:, 1]] = np.asarray(scores, dtype=np.float32)
+    return raster
+
+
+@dataclass(frozen=True)
+class DeepZoomGeometry:
+    """The level/tile layout of ``openslide.deepzoom.DeepZoomGenerator(limit_bounds=False)``."""
+
+    l0_width: int
+    l0_height: int
+    tile_size: int = 254
+    overlap: int = 1
+
+    @cached_property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        z_size = (self.l0_width, self.l0_height)
+        dims = [z_size]
+        while z_size[0] > 1 or z_size[1] > 1:
+            z_size = (max(1, math.ceil(z_size[0] / 2)), max(1, math.ceil(z_size[1] / 2)))
+            dims.append(z_size)
+        return tuple(reversed(dims))
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @cached_property
+    def level_tiles(self) -> tuple[tuple[int, int], ...]:
+        return tuple(
+            (math.ceil(w / self.tile_size), math.ceil(h / self.tile_size))
+            for w, h in self.level_dimensions
+        )
+
+    def l0_per_z(self, dz_level: int) -> int:
+        return 2 ** (self.level_count - dz_level - 1)
+
+    def tile_box(self, dz_level: int, tile_cr: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(z_x, z_y, width, height) of a tile in the pixels of its DeepZoom level."""
+        if not 0 <= dz_level < self.level_count:
+            raise ValueError(f"DeepZoom level {dz_level} out of range 0..{self.level_count - 1}")
+        n_cols, n_rows = self.level_tiles[dz_level]
+        col, row = tile_cr
+        if not (0 <= col < n_cols and 0 <= row < n_rows):
+            raise ValueError(f"tile {col}_{row} outside level {dz_level} ({n_cols}x{n_rows})")
+        z_w, z_h = self.level_dimensions[dz_level]
+        box = []
+        for t, t_lim, z_lim in ((col, n_cols, z_w), (row, n_rows, z_h)):
+            tl = self.overlap if t != 0 else 0
+            br = self.overlap if t != t_lim - 1 else 0
+            start = t * self.tile_size - tl
+            size = min(self.tile_size, z_lim - self.tile_size * t) + tl + br
+            box.append((start, size))
+        (z_x, z_w_tile), (z_y, z_h_tile) = box
+        return z_x, z_y, z_w_tile, z_h_tile
+
+    def dzi_xml(self, fmt: str) -> str:
+        return (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            '<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" '
+            f'Format="{fmt}" Overlap="{self.overlap}" TileSize="{self.tile_size}">'
+            f'<Size Height="{self.l0_height}" Width="{self.l0_width}"/></Image>'
+        )
+
+
+class HeatmapTiler:
+    """Renders DeepZoom PNG tiles of a score raster over a slide of the given level-0 size."""
+
+    def __init__(
+        self,
+        raster: np.ndarray,
+        l0_patch_size: float,
+        geometry: DeepZoomGeometry,
+        alpha: int = 160,
+        threshold: float = 0.0,
+    ):
+        self.raster = np.asarray(raster, dtype=np.float32)  # (R, C), NaN = no patch
+        self.l0_patch_size = float(l0_patch_size)
+        self.geometry = geometry
+        self.threshold = threshold
+        lut = colormap_lut(256)
+        self._rgba_lut = np.concatenate([lut, np.full((256, 1), alpha, np.uint8)], axis=1)
+        n_rows, n_cols = self.raster.shape
+        # Index 0 of the flat lookup is a transparent sentinel for "no patch here".
+        flat = np.zeros((n_rows * n_cols + 1, 4), dtype=np.uint8)
+        values = self.raster.reshape(-1)
+        valid = np.isfinite(values) & (np.nan_to_num(values, nan=-1.0) >= threshold)
+        idx = np.clip(np.round(np.nan_to_num(values) * 255), 0, 255).astype(np.int64)
+        flat[1:][valid] = self._rgba_lut[idx[valid]]
+        self._cell_rgba = flat
+
+    def dzi(self) -> str:
+        return self.geometry.dzi_xml("png")
+
+    def tile_rgba(self, dz_level: int, tile_cr: tuple[int, int]) -> np.ndarray:
+        """(H, W, 4) uint8 tile: each pixel coloured by the grid cell under its level-0 centre."""
+        z_x, z_y, z_w, z_h = self.geometry.tile_box(dz_level, tile_cr)
+        scale = self.geometry.l0_per_z(dz_level)
+        n_rows, n_cols = self.raster.shape
+        l0_x = (np.arange(z_x, z_x + z_w) + 0.5) * scale  # (W,)
+        l0_y = (np.arange(z_y, z_y + z_h) + 0.5) * scale  # (H,)
+        cols = np.floor(l0_x / self.l0_patch_size).astype(np.int64)
+        rows = np.floor(l0_y / self.l0_patch_size).astype(np.int64)
+        col_ok = (cols >= 0) & (cols < n_cols)
+        row_ok = (rows >= 0) & (rows < n_rows)
+        flat_idx = rows[:, None] * n_cols + cols[None, :] + 1  # (H, W)
+        flat_idx[~(row_ok[:, None] & col_ok[None, :])] = 0
+        return self._cell_rgba[flat_idx]
+
+    def tile_png(self, dz_level: int, tile_cr: tuple[int, int]) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(self.tile_rgba(dz_level, tile_cr), "RGBA").save(
+            buffer, format="PNG", compress_level=1
+        )
+        return buffer.getvalue()
+
+
+def raster_png(raster: np.ndarray, alpha: int = 200) -> bytes:
+    """The whole score raster as a tiny RGBA PNG (one pixel per grid cell)."""
+    lut = colormap_lut(256)
+    values = np.nan_to_num(raster, nan=-1.0)
+    idx = np.clip(np.round(values * 255), 0, 255).astype(np.int64)
+    rgba = np.zeros((*raster.shape, 4), dtype=np.uint8)
+    valid = np.isfinite(raster)
+    rgba[valid, :3] = lut[idx[valid]]
+    rgba[valid, 3] = alpha
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    return buffer.getvalue()
