@@ -1,0 +1,5 @@
+"""The LowMag portal (Django). Importing it loads the Celery app so ``shared_task`` binds to it."""
+
+from portal.celery import app as celery_app
+
+__all__ = ["celery_app"]

@@ -47,6 +47,13 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "channels",
     "portal.core",
+    "portal.cases",
+    "portal.analyses",
+    "portal.reviews",
+    "portal.api",
+    "portal.uploads",
+    "portal.integrations",
+    "portal.viewer",
 ]
 
 MIDDLEWARE = [
@@ -106,12 +113,20 @@ LOGIN_URL = "/login/"
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        # Token first: an anonymous request then gets 401 with "WWW-Authenticate: Token".
+        "portal.api.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "DEFAULT_PAGINATION_CLASS": "portal.api.filters.Pagination",
     "PAGE_SIZE": 50,
+    "DEFAULT_FILTER_BACKENDS": [
+        "portal.api.filters.QueryParamFilter",
+        "rest_framework.filters.SearchFilter",
+        "rest_framework.filters.OrderingFilter",
+    ],
+    "EXCEPTION_HANDLER": "portal.api.exceptions.exception_handler",
 }
 
 SPECTACULAR_SETTINGS = {
@@ -131,20 +146,62 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# Celery: the production scale-out engine (Redis broker). Without REDIS_URL, tasks run in a
+# background thread of the web process through portal.jobs.dispatch (same task code).
+CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = "cpu"
+CELERY_TASK_ROUTES = {
+    "portal.analyses.tasks.run_analysis": {"queue": "gpu"},
+    "portal.analyses.tasks.*": {"queue": "cpu"},
+    "portal.uploads.tasks.*": {"queue": "cpu"},
+    "portal.integrations.tasks.*": {"queue": "cpu"},
+}
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("LOWMAG_VISIBILITY_TIMEOUT", 3600)}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_TIME_LIMIT = env_int("LOWMAG_TASK_TIME_LIMIT", 1800)
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("LOWMAG_TASK_SOFT_TIME_LIMIT", 1500)
+CELERY_WORKER_SEND_TASK_EVENTS = True
+LOWMAG_TASK_MODE = env_str("LOWMAG_TASK_MODE")  # celery | thread | sync; see portal.core.dispatch
+
 # Torch threads per worker process (1 is sane per Celery child on small machines).
 LOWMAG_TORCH_THREADS = env_int("LOWMAG_TORCH_THREADS", 0)
 LOWMAG_MAX_UPLOAD_BYTES = env_int("LOWMAG_MAX_UPLOAD_BYTES", 20 * 1024**3)
 
+# Security: off by default (plain HTTP on localhost); production values in deploy/SETTINGS.md.
+# TLS ends at nginx or the ingress, which sets X-Forwarded-Proto.
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
 CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", False)
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+# Probes and scrapers speak plain HTTP to the pod: never redirect them.
+SECURE_REDIRECT_EXEMPT = env_list("SECURE_REDIRECT_EXEMPT", [r"^healthz$", r"^metrics$"])
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+# /metrics: a bearer token; when empty, only loopback clients may read it (portal.core.metrics).
+METRICS_TOKEN = env_str("METRICS_TOKEN")
+
+# LOG_FORMAT=json: one JSON object per line (portal.core.logging.JsonFormatter).
+LOG_FORMAT = env_str("LOG_FORMAT", "plain").strip().lower()
+if LOG_FORMAT not in ("plain", "json"):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r} is not supported: use plain or json")
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "portal.core.logging.JsonFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
 }

@@ -15,12 +15,21 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_SLIDES = REPO_ROOT.parent / "shared" / "slides"
 
 pytest_plugins = (
     ["tests.portal_fixtures"] if (Path(__file__).parent / "portal_fixtures.py").exists() else []
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tasks_run_in_the_callers_thread():
+    """Tasks run synchronously unless a test starts a real worker (see test_worker.py)."""
+    from django.conf import settings
+
+    settings.LOWMAG_TASK_MODE = os.environ.get("LOWMAG_TEST_TASK_MODE", "sync")
 
 
 @pytest.fixture(scope="session", autouse=True)

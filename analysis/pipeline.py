@@ -1,0 +1,188 @@
+"""Slide -> prediction: tissue, grid, read + encode, MIL, instance scores, stage timings.
+
+The portal's analysis task calls ``predict_slide`` and stores what it returns; the
+``lowmag predict`` command prints it. Reading and encoding overlap: reader threads fill
+batches while the main thread encodes the previous one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis.bundle import LoadedBundle
+
+ProgressCallback = Callable[[str, float], None]  # (stage, fraction of that stage done)
+
+STAGES = ("open", "tissue", "features", "mil")
+
+
+@dataclass
+class SlidePrediction:
+    slide: str
+    classes: list[str]
+    probabilities: dict[str, float]
+    predicted_class: str
+    confidence: float
+    instance_scores: np.ndarray  # (N,) float32 in [0, 1], one per grid cell, grid order
+    grid: Any  # analysis.tissue.PatchGrid
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage + "total"
+    magnification: float = 5.0
+    slide_mpp: float = 0.0
+    bundle: dict[str, Any] = field(default_factory=dict)  # name, version, sha256, is_demo
+
+    @property
+    def n_patches(self) -> int:
+        return int(len(self.instance_scores))
+
+    def to_dict(self, include_scores: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "slide": self.slide,
+            "classes": self.classes,
+            "probabilities": self.probabilities,
+            "predicted_class": self.predicted_class,
+            "confidence": self.confidence,
+            "n_patches": self.n_patches,
+            "magnification": self.magnification,
+            "slide_mpp": self.slide_mpp,
+            "timings": self.timings,
+            "bundle": self.bundle,
+            "grid": {
+                "n_rows": int(self.grid.n_rows),
+                "n_cols": int(self.grid.n_cols),
+                "l0_patch_size": float(self.grid.l0_patch_size),
+            },
+        }
+        if include_scores:
+            out["grid"]["grid_rc"] = np.asarray(self.grid.grid_rc).tolist()
+            out["grid"]["l0_xy"] = np.asarray(self.grid.l0_xy).tolist()
+            out["instance_scores"] = [round(float(s), 5) for s in self.instance_scores]
+        return out
+
+
+class _StageClock:
+    def __init__(self, progress: ProgressCallback | None):
+        self.timings: dict[str, float] = {}
+        self.progress = progress
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.progress:
+            self.progress(name, 0.0)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 4)
+        if self.progress:
+            self.progress(name, 1.0)
+
+    def finish(self) -> dict[str, float]:
+        self.timings["total"] = round(time.perf_counter() - self._start, 4)
+        return self.timings
+
+
+def encode_grid(
+    slide: Any,
+    l0_xy: np.ndarray,
+    encoder: Any,
+    magnification: float,
+    *,
+    batch_size: int = 64,
+    workers: int = 2,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """(N, D) float32 embeddings of the grid cells, read at ``magnification``."""
+    chunks: list[np.ndarray] = []
+    done = 0
+    for _, patches in slide.iter_patch_batches(
+        l0_xy, magnification, batch_size=batch_size, workers=workers
+    ):
+        chunks.append(np.asarray(encoder.embed(patches), dtype=np.float32))
+        done += len(patches)
+        if on_batch:
+            on_batch(done)
+    return np.concatenate(chunks, axis=0)
+
+
+def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(C,) class probabilities and (N,) raw instance scores from a MIL model in eval mode."""
+    import torch
+
+    with torch.inference_mode():
+        feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))  # (N, D)
+        coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64))  # (N, 2)
+        logits, scores = mil(feats, coords)
+        probabilities = torch.softmax(logits.float().reshape(-1), dim=0)  # (C,)
+    return probabilities.numpy(), scores.float().reshape(-1).numpy()
+
+
+def predict_slide(
+    bundle: LoadedBundle,
+    slide_path: str | Path,
+    *,
+    mpp: float | None = None,
+    min_tissue: float = 0.25,
+    batch_size: int = 64,
+    workers: int = 2,
+    progress: ProgressCallback | None = None,
+) -> SlidePrediction:
+    """Analyse one slide with a loaded bundle. Raises ``AnalysisError`` subclasses on bad input."""
+    from analysis.heatmap import normalise_scores
+    from analysis.slides import open_slide
+    from analysis.tissue import patch_grid
+
+    manifest = bundle.manifest
+    magnification = float(manifest.magnification)
+    clock = _StageClock(progress)
+    with clock.stage("open"):
+        slide = open_slide(slide_path, mpp=mpp)
+    with slide:
+        with clock.stage("tissue"):
+            grid = patch_grid(slide, patch_um=manifest.patch_um, min_tissue=min_tissue)
+            # Refuse early (before any encoding) when the slide is coarser than the model's input.
+            slide.read_patch(tuple(int(v) for v in grid.l0_xy[0]), magnification, manifest.patch_um)
+        n_cells = len(grid.l0_xy)
+
+        def on_batch(done: int) -> None:
+            if progress:
+                progress("features", done / n_cells)
+
+        with clock.stage("features"):
+            features = encode_grid(
+                slide,
+                grid.l0_xy,
+                bundle.encoder,
+                magnification,
+                batch_size=batch_size,
+                workers=workers,
+                on_batch=on_batch,
+            )
+        with clock.stage("mil"):
+            probabilities, raw_scores = run_mil(bundle.mil, features, grid.grid_rc)
+        slide_mpp = float(slide.mpp)
+    best = int(np.argmax(probabilities))
+    classes = list(manifest.classes)
+    return SlidePrediction(
+        slide=str(slide_path),
+        classes=classes,
+        probabilities={c: round(float(p), 6) for c, p in zip(classes, probabilities, strict=True)},
+        predicted_class=classes[best],
+        confidence=float(probabilities[best]),
+        instance_scores=normalise_scores(raw_scores),
+        grid=grid,
+        timings=clock.finish(),
+        magnification=magnification,
+        slide_mpp=slide_mpp,
+        bundle={
+            "name": manifest.name,
+            "version": manifest.version,
+            "sha256": bundle.sha256,
+            "is_demo": manifest.is_demo,
+        },
+    )

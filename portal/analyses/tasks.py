@@ -1,0 +1,243 @@
+"""Celery tasks: thin wrappers that call ``analysis.pipeline`` and store what it returns.
+
+Idempotency: a job is keyed by (slide SHA-256, model SHA-256) and a Prediction is unique per
+(slide, model version), so a retried or re-delivered task finds the earlier result instead
+of creating a second one. Tasks are ``acks_late``: a worker killed mid-analysis leaves the
+message on the broker and another worker runs the job again from the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from celery import shared_task
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from analysis.errors import AnalysisError
+from portal.analyses import progress as live
+from portal.analyses.models import AnalysisJob, ModelVersion, Prediction
+from portal.core.dispatch import dispatch
+
+log = logging.getLogger(__name__)
+
+_bundles: dict[str, object] = {}  # model sha256 -> LoadedBundle: workers keep models warm
+_bundles_lock = threading.Lock()
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class TransientJobError(Exception):
+    """A failure worth retrying (storage briefly unavailable, database restarting)."""
+
+
+def _device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def loaded_bundle(model_version: ModelVersion):
+    from analysis.bundle import load_bundle
+
+    with _bundles_lock:
+        bundle = _bundles.get(model_version.sha256)
+        if bundle is None:
+            _configure_torch_threads()
+            bundle = load_bundle(model_version.bundle_path, device=_device())
+            _bundles[model_version.sha256] = bundle
+        return bundle
+
+
+def _configure_torch_threads() -> None:
+    from django.conf import settings
+
+    threads = int(getattr(settings, "LOWMAG_TORCH_THREADS", 0) or 0)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def request_analysis(slide, model_version: ModelVersion | None = None) -> AnalysisJob | None:
+    """Create (or find) the job for this slide and model, and queue it when it needs running."""
+    model_version = model_version or slide.case.cohort.active_model
+    if model_version is None or slide.status != "ready":
+        return None
+    key = AnalysisJob.key_for(slide.sha256, model_version.sha256)
+    job, created = AnalysisJob.objects.get_or_create(
+        idempotency_key=key, defaults={"slide": slide, "model_version": model_version}
+    )
+    if not created and job.state in ("failed", "cancelled"):
+        job.state, job.error, job.progress, job.stage = "queued", "", 0.0, ""
+        job.save(update_fields=["state", "error", "progress", "stage"])
+    elif not created:
+        return job
+    case = slide.case
+    if case.status in ("new", "ready"):
+        case.status = "analysing"
+        case.save(update_fields=["status", "updated_at"])
+    dispatch(run_analysis, job.pk)
+    return job
+
+
+class _ProgressReporter:
+    """Writes stage/progress to the job row (throttled) and pushes it over Channels."""
+
+    def __init__(self, job: AnalysisJob, min_interval_s: float = 0.5):
+        self.job = job
+        self.min_interval_s = min_interval_s
+        self._last = 0.0
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        now = time.monotonic()
+        if fraction not in (0.0, 1.0) and now - self._last < self.min_interval_s:
+            return
+        self._last = now
+        state = AnalysisJob.objects.filter(pk=self.job.pk).values_list("state", flat=True).first()
+        if state == "cancelled":
+            raise JobCancelled()
+        AnalysisJob.objects.filter(pk=self.job.pk).update(stage=stage, progress=fraction)
+        live.job_update(self.job.pk, {"state": "running", "stage": stage, "progress": fraction})
+
+
+def _store_prediction(job: AnalysisJob, result) -> Prediction:
+    import analysis
+
+    grid = result.grid
+    try:
+        with transaction.atomic():
+            prediction, _ = Prediction.objects.get_or_create(
+                slide=job.slide,
+                model_version=job.model_version,
+                defaults={
+                    "job": job,
+                    "probabilities": result.probabilities,
+                    "predicted_class": result.predicted_class,
+                    "confidence": result.confidence,
+                    "instance_scores": Prediction.pack_scores(result.instance_scores),
+                    "grid": {
+                        "n_rows": int(grid.n_rows),
+                        "n_cols": int(grid.n_cols),
+                        "l0_patch_size": float(grid.l0_patch_size),
+                        "grid_rc": grid.grid_rc.tolist(),
+                        "magnification": result.magnification,
+                    },
+                    "code_version": analysis.__version__,
+                    "input_sha256": job.slide.sha256,
+                },
+            )
+    except IntegrityError:
+        prediction = Prediction.objects.get(slide=job.slide, model_version=job.model_version)
+    return prediction
+
+
+def _finish(job: AnalysisJob, **fields) -> None:
+    fields["finished_at"] = timezone.now()
+    AnalysisJob.objects.filter(pk=job.pk).update(**fields)
+    live.job_update(job.pk, {k: v for k, v in fields.items() if k != "finished_at"})
+
+
+@shared_task(
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(TransientJobError,),
+    retry_backoff=2,
+    retry_backoff_max=60,
+    max_retries=4,
+)
+def run_analysis(self, job_id: int) -> str:
+    from analysis.pipeline import predict_slide
+
+    job = AnalysisJob.objects.select_related("slide__case__cohort", "model_version").get(pk=job_id)
+    if job.state in ("succeeded", "cancelled"):
+        return job.state
+    existing = Prediction.objects.filter(slide=job.slide, model_version=job.model_version).first()
+    if existing is not None:
+        _finish(job, state="succeeded", progress=1.0, stage="done")
+        return "succeeded"
+    AnalysisJob.objects.filter(pk=job.pk).update(
+        state="running", started_at=timezone.now(), attempts=job.attempts + 1, error=""
+    )
+    try:
+        bundle = loaded_bundle(job.model_version)
+        result = predict_slide(bundle, job.slide.path, progress=_ProgressReporter(job))
+    except JobCancelled:
+        _finish(job, state="cancelled", stage="cancelled")
+        return "cancelled"
+    except AnalysisError as exc:
+        _finish(job, state="failed", error=str(exc))
+        _case_after_job(job)
+        return "failed"
+    except (OSError, ConnectionError) as exc:
+        AnalysisJob.objects.filter(pk=job.pk).update(error=f"retrying: {exc}")
+        raise TransientJobError(str(exc)) from exc
+    prediction = _store_prediction(job, result)
+    _finish(job, state="succeeded", progress=1.0, stage="done", timings=result.timings)
+    _case_after_job(job)
+    _announce_prediction(job, prediction)
+    return "succeeded"
+
+
+def _case_after_job(job: AnalysisJob) -> None:
+    case = job.slide.case
+    if case.status == "analysing":
+        case.status = "ready"
+        case.save(update_fields=["status", "updated_at"])
+    live.worklist_update(case)
+
+
+def _announce_prediction(job: AnalysisJob, prediction: Prediction) -> None:
+    try:
+        from portal.integrations.webhooks import emit
+    except ImportError:
+        return
+    case = job.slide.case
+    emit(
+        "prediction.ready",
+        case.cohort,
+        {
+            "case": {"id": case.pk, "accession_number": case.accession_number},
+            "slide": {"id": job.slide.pk, "sha256": job.slide.sha256},
+            "prediction": {
+                "id": prediction.pk,
+                "predicted_class": prediction.predicted_class,
+                "confidence": prediction.confidence,
+                "probabilities": prediction.probabilities,
+                "model": str(job.model_version),
+            },
+        },
+    )
+
+
+def cancel_job(job: AnalysisJob) -> bool:
+    """Ask a queued or running job to stop; a running one stops at its next progress report."""
+    updated = AnalysisJob.objects.filter(pk=job.pk, state__in=("queued", "running")).update(
+        state="cancelled", stage="cancelled", finished_at=timezone.now()
+    )
+    if updated:
+        live.job_update(job.pk, {"state": "cancelled"})
+    return bool(updated)
+
+
+@shared_task(bind=True, acks_late=True, max_retries=3, retry_backoff=2)
+def ingest_and_analyse(self, slide_id: int) -> str:
+    """Ingest an uploaded slide; when it is ready, analyse it with its cohort's active model."""
+    from portal.cases.models import Slide
+    from portal.uploads.ingest import ingest_slide
+
+    slide = Slide.objects.select_related("case__cohort").get(pk=slide_id)
+    if slide.status == "ingesting":
+        slide = ingest_slide(slide)
+    live.worklist_update(slide.case)
+    if slide.status == "ready":
+        request_analysis(slide)
+    return slide.status

@@ -1,0 +1,8 @@
+from django.urls import path
+
+from portal.viewer import consumers
+
+websocket_urlpatterns = [
+    path("ws/jobs/<int:job_id>/", consumers.JobProgressConsumer.as_asgi()),
+    path("ws/worklist/", consumers.WorklistConsumer.as_asgi()),
+]

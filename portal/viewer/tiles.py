@@ -1,0 +1,265 @@
+"""DeepZoom slide tiles, heatmap overlay tiles and associated images.
+
+Views are async so that a slow tile never holds the (single) sync thread Django's ASGI
+handler uses; rendering runs in a small thread pool (OpenSlide releases the GIL). Every
+response passes the same object-level check as the API: a slide outside the user's
+cohorts is a 404, whether it exists or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from asgiref.sync import sync_to_async
+from django.http import Http404, HttpResponse, HttpResponseNotModified
+
+from analysis.heatmap import DeepZoomGeometry, HeatmapTiler, score_raster
+from portal.core.metrics import observe_tile
+
+TILE_SIZE = 254
+OVERLAP = 1
+JPEG_QUALITY = 80
+CACHE_CONTROL = "private, max-age=31536000, immutable"
+ACCESS_TTL_S = 10.0  # how long a granted (user, slide) check is reused by tile requests
+
+_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tiles")
+
+
+class _LRU:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                _, old = self._items.popitem(last=False)
+                close = getattr(old, "close", None)
+                if close:
+                    close()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+@dataclass(frozen=True)
+class SlideAccess:
+    slide_id: int
+    path: Path
+    sha256: str
+    width: int
+    height: int
+
+
+class _OpenDeepZoom:
+    def __init__(self, path: Path):
+        import openslide
+        from openslide.deepzoom import DeepZoomGenerator
+
+        self.osr = openslide.open_slide(str(path))
+        self.dz = DeepZoomGenerator(self.osr, tile_size=TILE_SIZE, overlap=OVERLAP)
+
+    def close(self) -> None:
+        self.osr.close()
+
+
+_deepzoom = _LRU(32)  # open slides, per process
+_tile_bytes = _LRU(4096)  # encoded tiles (a few KB each)
+_tilers = _LRU(64)  # heatmap tilers by (prediction id, threshold)
+_access = _LRU(4096)  # (user id, slide id) -> (SlideAccess, granted at)
+_open_lock = threading.Lock()
+
+
+def visible_slides(user):
+    from portal.cases.models import Slide
+
+    slides = Slide.objects.select_related("case")
+    if user.is_staff:
+        return slides
+    return slides.filter(case__cohort__memberships__user=user).distinct()
+
+
+def _lookup_access(user, slide_id: int) -> SlideAccess | None:
+    slide = visible_slides(user).filter(pk=slide_id, status="ready").first()
+    if slide is None:
+        return None
+    return SlideAccess(slide.pk, slide.path, slide.sha256, slide.width, slide.height)
+
+
+async def _slide_access(request, slide_id: int) -> SlideAccess:
+    user = await request.auser()
+    if not user.is_authenticated:
+        raise Http404("no such slide")
+    key = (user.pk, slide_id)
+    cached = _access.get(key)
+    if cached and time.monotonic() - cached[1] < ACCESS_TTL_S:
+        return cached[0]
+    access = await sync_to_async(_lookup_access)(user, slide_id)
+    if access is None:
+        raise Http404("no such slide")
+    _access.put(key, (access, time.monotonic()))
+    return access
+
+
+def forget_access() -> None:
+    """Drop cached permission grants (membership changes, tests)."""
+    _access.clear()
+
+
+def _deepzoom_for(access: SlideAccess) -> _OpenDeepZoom:
+    opened = _deepzoom.get(access.path)
+    if opened is None:
+        with _open_lock:
+            opened = _deepzoom.get(access.path)
+            if opened is None:
+                opened = _OpenDeepZoom(access.path)
+                _deepzoom.put(access.path, opened)
+    return opened
+
+
+def _etag(*parts) -> str:
+    return '"' + "-".join(str(p) for p in parts) + '"'
+
+
+def _immutable(request, body: bytes, content_type: str, etag: str) -> HttpResponse:
+    if request.headers.get("If-None-Match") == etag:
+        response = HttpResponseNotModified()
+    else:
+        response = HttpResponse(body, content_type=content_type)
+    response["ETag"] = etag
+    response["Cache-Control"] = CACHE_CONTROL
+    return response
+
+
+def _render_slide_tile(access: SlideAccess, level: int, col: int, row: int) -> bytes:
+    import openslide
+
+    opened = _deepzoom_for(access)
+    if not 0 <= level < opened.dz.level_count:
+        raise Http404("no such level")
+    n_cols, n_rows = opened.dz.level_tiles[level]
+    if not (0 <= col < n_cols and 0 <= row < n_rows):
+        raise Http404("no such tile")
+    try:
+        image = opened.dz.get_tile(level, (col, row))
+    except openslide.OpenSlideError as exc:
+        _deepzoom.put(access.path, _OpenDeepZoom(access.path))  # the handle is unusable now
+        raise TileReadError(f"slide {access.slide_id} cannot be read: {exc}") from exc
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+class TileReadError(Exception):
+    pass
+
+
+async def slide_dzi(request, slide_id: int):
+    access = await _slide_access(request, slide_id)
+    geometry = DeepZoomGeometry(access.width, access.height, TILE_SIZE, OVERLAP)
+    return _immutable(
+        request, geometry.dzi_xml("jpeg").encode(), "application/xml", _etag(access.sha256[:16])
+    )
+
+
+async def slide_tile(request, slide_id: int, level: int, col: int, row: int):
+    start = time.perf_counter()
+    access = await _slide_access(request, slide_id)
+    key = (access.path, level, col, row)
+    body = _tile_bytes.get(key)
+    if body is None:
+        loop = asyncio.get_running_loop()
+        try:
+            body = await loop.run_in_executor(_pool, _render_slide_tile, access, level, col, row)
+        except TileReadError as exc:
+            return HttpResponse(str(exc), status=502, content_type="text/plain")
+        _tile_bytes.put(key, body)
+    observe_tile(time.perf_counter() - start, "slide")
+    return _immutable(request, body, "image/jpeg", _etag(access.sha256[:16], level, col, row))
+
+
+def _load_tiler(access: SlideAccess, prediction_id: int, threshold: float) -> HeatmapTiler | None:
+    from portal.analyses.models import Prediction
+
+    prediction = Prediction.objects.filter(pk=prediction_id, slide_id=access.slide_id).first()
+    if prediction is None:
+        return None
+    grid = prediction.grid
+    raster = score_raster(
+        np.asarray(grid["grid_rc"], dtype=np.int64).reshape(-1, 2),
+        prediction.scores(),
+        int(grid["n_rows"]),
+        int(grid["n_cols"]),
+    )
+    geometry = DeepZoomGeometry(access.width, access.height, TILE_SIZE, OVERLAP)
+    return HeatmapTiler(raster, float(grid["l0_patch_size"]), geometry, threshold=threshold)
+
+
+async def _tiler(request, access: SlideAccess, prediction_id: int) -> HeatmapTiler:
+    try:
+        threshold = round(float(request.GET.get("threshold", "0")), 2)
+    except ValueError as exc:
+        raise Http404("threshold must be a number") from exc
+    key = (prediction_id, threshold)
+    tiler = _tilers.get(key)
+    if tiler is None:
+        tiler = await sync_to_async(_load_tiler)(access, prediction_id, threshold)
+        if tiler is None:
+            raise Http404("no such prediction")
+        _tilers.put(key, tiler)
+    return tiler
+
+
+async def heatmap_dzi(request, slide_id: int, prediction_id: int):
+    access = await _slide_access(request, slide_id)
+    tiler = await _tiler(request, access, prediction_id)
+    return _immutable(request, tiler.dzi().encode(), "application/xml", _etag(prediction_id))
+
+
+async def heatmap_tile(request, slide_id: int, prediction_id: int, level: int, col: int, row: int):
+    start = time.perf_counter()
+    access = await _slide_access(request, slide_id)
+    tiler = await _tiler(request, access, prediction_id)
+    try:
+        body = await asyncio.get_running_loop().run_in_executor(
+            _pool, tiler.tile_png, level, (col, row)
+        )
+    except ValueError as exc:
+        raise Http404(str(exc)) from exc
+    etag = _etag(prediction_id, tiler.threshold, level, col, row)
+    observe_tile(time.perf_counter() - start, "heatmap")
+    return _immutable(request, body, "image/png", etag)
+
+
+ASSOCIATED = ("label", "macro", "thumbnail")
+
+
+async def associated_image(request, slide_id: int, name: str):
+    if name not in ASSOCIATED:
+        raise Http404("no such image")
+    access = await _slide_access(request, slide_id)
+    asset_dir = access.path if access.path.is_dir() else access.path.parent
+    path = asset_dir / f"{name}.png"
+    if not path.is_file():
+        raise Http404(f"this slide has no {name} image")
+    body = await asyncio.get_running_loop().run_in_executor(_pool, path.read_bytes)
+    return _immutable(request, body, "image/png", _etag(access.sha256[:16], name))

@@ -1,0 +1,306 @@
+"""The pathologist's pages: login, worklist and case viewer, plus the small JSON and image
+helpers the viewer needs (top-scoring regions of a prediction, a slide region as JPEG).
+
+Every page needs a login; a case, slide or prediction outside the user's cohorts is a 404,
+exactly as in the API. The viewer's JavaScript and CSS are built into ``frontend/dist`` and
+served from the portal itself (``static_asset`` when no web server sits in front).
+"""
+
+from __future__ import annotations
+
+import io
+import mimetypes
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.contrib.staticfiles import finders
+from django.db.models import Q
+from django.http import FileResponse, Http404, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, render
+from django.utils import timezone
+from django.views.decorators.http import require_GET
+
+from analysis.heatmap import colormap_lut
+from portal.analyses.models import AnalysisJob, Prediction
+from portal.api.permissions import PATHOLOGIST, is_admin, role_in, visible
+from portal.cases.models import Case, Cohort, Slide
+from portal.reviews import audit
+from portal.reviews.models import Diagnosis
+
+MAX_TOP_K = 100
+REGION_MAX_PX = 512
+
+login_view = auth_views.LoginView.as_view(
+    template_name="viewer/login.html", redirect_authenticated_user=True
+)
+logout_view = auth_views.LogoutView.as_view(next_page="/login/")
+
+
+# ---------------------------------------------------------------- worklist
+
+QUEUES = {
+    "unsigned": "Not yet signed",
+    "mine": "My drafts",
+    "signed": "Signed",
+    "all": "All cases",
+}
+PRIORITY_RANK = {"frozen": 0, "urgent": 1, "routine": 2}
+
+
+def _ai_calls(case_ids: list[int]) -> dict[int, Prediction]:
+    """The most confident of each case's latest per-slide predictions (the case's AI call)."""
+    latest: dict[int, Prediction] = {}
+    predictions = Prediction.objects.filter(slide__case_id__in=case_ids).select_related("slide")
+    for p in predictions.order_by("-created_at", "-id"):
+        latest.setdefault(p.slide_id, p)
+    calls: dict[int, Prediction] = {}
+    for p in latest.values():
+        best = calls.get(p.slide.case_id)
+        if best is None or p.confidence > best.confidence:
+            calls[p.slide.case_id] = p
+    return calls
+
+
+def _filtered_cases(request):
+    params = request.GET
+    cases = visible(Case.objects.select_related("cohort"), request.user, "cohort")
+    queue = params.get("queue", "unsigned")
+    if queue == "unsigned":
+        cases = cases.exclude(status="signed")
+    elif queue == "signed":
+        cases = cases.filter(status="signed")
+    elif queue == "mine":
+        cases = cases.filter(diagnoses__author=request.user, diagnoses__status=Diagnosis.DRAFT)
+    if params.get("status") in dict(Case.STATUSES):
+        cases = cases.filter(status=params["status"])
+    if params.get("priority") in dict(Case.PRIORITIES):
+        cases = cases.filter(priority=params["priority"])
+    if params.get("cohort", "").isdigit():
+        cases = cases.filter(cohort_id=int(params["cohort"]))
+    if params.get("q"):
+        query = params["q"].strip()[:100]
+        cases = cases.filter(Q(accession_number__icontains=query) | Q(patient_id__icontains=query))
+    return cases.distinct()[:500]
+
+
+def _waiting(created_at) -> str:
+    waited = timezone.now() - created_at
+    if waited < timedelta(hours=1):
+        return f"{max(1, int(waited.total_seconds() // 60))} min"
+    if waited < timedelta(days=2):
+        return f"{int(waited.total_seconds() // 3600)} h"
+    return f"{waited.days} d"
+
+
+def _worklist_rows(request) -> list[dict]:
+    cases = list(_filtered_cases(request))
+    calls = _ai_calls([c.pk for c in cases])
+    cases.sort(key=lambda c: (PRIORITY_RANK.get(c.priority, 9), c.created_at, c.pk))
+    return [
+        {
+            "case": case,
+            "ai": calls.get(case.pk),
+            "waiting": _waiting(case.created_at),
+            "waited_s": int((timezone.now() - case.created_at).total_seconds()),
+        }
+        for case in cases
+    ]
+
+
+@login_required
+def worklist(request):
+    context = {"rows": _worklist_rows(request)}
+    if request.GET.get("partial") == "rows":
+        return render(request, "viewer/_worklist_rows.html", context)
+    context.update(
+        page="worklist",
+        queues=QUEUES,
+        statuses=Case.STATUSES,
+        priorities=Case.PRIORITIES,
+        cohorts=visible(Cohort.objects.all(), request.user, "pk"),
+        current=request.GET,
+    )
+    return render(request, "viewer/worklist.html", context)
+
+
+# ---------------------------------------------------------------- case page
+
+
+def _visible_case(user, case_id: int) -> Case:
+    cases = visible(Case.objects.select_related("cohort"), user, "cohort")
+    return get_object_or_404(cases, pk=case_id)
+
+
+def _prediction_json(p: Prediction) -> dict:
+    return {
+        "id": p.pk,
+        "predicted_class": p.predicted_class,
+        "confidence": p.confidence,
+        "probabilities": p.probabilities,
+        "model": str(p.model_version),
+        "classes": list(p.model_version.classes or p.probabilities.keys()),
+        "heatmap_dzi": f"/slides/{p.slide_id}/heatmap/{p.pk}.dzi",
+        "created_at": p.created_at.isoformat(),
+    }
+
+
+def _job_json(job: AnalysisJob | None) -> dict | None:
+    if job is None:
+        return None
+    return {"id": job.pk, "state": job.state, "stage": job.stage, "progress": job.progress}
+
+
+def _slide_json(slide: Slide) -> dict:
+    prediction = (
+        slide.predictions.select_related("model_version").order_by("-created_at", "-id").first()
+    )
+    job = slide.jobs.order_by("-created_at", "-id").first()
+    return {
+        "id": slide.pk,
+        "name": slide.original_name,
+        "status": slide.status,
+        "failure_reason": slide.failure_reason,
+        "mpp": slide.mpp,
+        "magnification": slide.magnification,
+        "width": slide.width,
+        "height": slide.height,
+        "dzi": f"/slides/{slide.pk}.dzi",
+        "label": f"/slides/{slide.pk}/label.png" if slide.has_label else None,
+        "macro": f"/slides/{slide.pk}/macro.png" if slide.has_macro else None,
+        "thumbnail": f"/slides/{slide.pk}/thumbnail.png",
+        "prediction": _prediction_json(prediction) if prediction else None,
+        "job": _job_json(job),
+    }
+
+
+def _legend() -> list[str]:
+    lut = colormap_lut(11)
+    return [f"rgb({r},{g},{b})" for r, g, b in lut.tolist()]
+
+
+@login_required
+def case_page(request, case_id: int):
+    case = _visible_case(request.user, case_id)
+    if case.status == "signed":
+        audit.record(request.user, "case.view", case, request=request)
+    slides = [_slide_json(s) for s in case.slides.all()]
+    role = role_in(request.user, case.cohort_id)
+    viewer_config = {
+        "case": {
+            "id": case.pk,
+            "accession_number": case.accession_number,
+            "status": case.status,
+            "priority": case.priority,
+        },
+        "slides": slides,
+        "legend": _legend(),
+        "user": {
+            "username": request.user.get_username(),
+            "can_write": is_admin(request.user) or role == PATHOLOGIST,
+        },
+    }
+    context = {"page": "case", "case": case, "slides": slides, "viewer_config": viewer_config}
+    return render(request, "viewer/case.html", context)
+
+
+# ---------------------------------------------------------------- viewer JSON and images
+
+
+def top_regions(scores: np.ndarray, grid_rc: np.ndarray, k: int, spacing: int = 2) -> list[int]:
+    """Indices of up to ``k`` highest-scoring cells, no two within ``spacing`` cells (Chebyshev).
+
+    A greedy non-maximum suppression: each pick stands for one high-scoring region, so jumping
+    from pick to pick visits different places rather than neighbouring cells of one hot spot.
+    """
+    order = np.argsort(-scores, kind="stable")
+    picked: list[int] = []
+    picked_rc = np.empty((0, 2), dtype=np.int64)
+    for index in order:
+        if len(picked) >= k:
+            break
+        rc = grid_rc[index]
+        if len(picked_rc) and np.min(np.max(np.abs(picked_rc - rc), axis=1)) <= spacing:
+            continue
+        picked.append(int(index))
+        picked_rc = np.vstack([picked_rc, rc[None, :]])
+    return picked
+
+
+@login_required
+@require_GET
+def prediction_top_k(request, prediction_id: int):
+    predictions = visible(Prediction.objects.all(), request.user, "slide__case__cohort")
+    prediction = get_object_or_404(predictions, pk=prediction_id)
+    try:
+        k = min(MAX_TOP_K, max(1, int(request.GET.get("k", "12"))))
+    except ValueError as exc:
+        raise Http404("k must be an integer") from exc
+    scores = prediction.scores()  # (N,)
+    grid_rc = np.asarray(prediction.grid.get("grid_rc", []), dtype=np.int64).reshape(-1, 2)
+    if len(grid_rc) != len(scores):
+        return JsonResponse({"detail": "this prediction's grid and scores disagree"}, status=409)
+    size = float(prediction.grid["l0_patch_size"])
+    regions = [
+        {
+            "rank": rank + 1,
+            "score": round(float(scores[i]), 4),
+            "grid_rc": grid_rc[i].tolist(),
+            "l0_xy": [round(grid_rc[i, 1] * size), round(grid_rc[i, 0] * size)],
+            "l0_size": size,
+        }
+        for rank, i in enumerate(top_regions(scores, grid_rc, k))
+    ]
+    return JsonResponse({"prediction": prediction.pk, "slide": prediction.slide_id, "regions": regions})
+
+
+def _region_jpeg(slide: Slide, l0_xy: tuple[int, int], l0_size: int, out_px: int) -> bytes:
+    from portal.viewer.tiles import SlideAccess, _deepzoom_for
+
+    access = SlideAccess(slide.pk, slide.path, slide.sha256, slide.width, slide.height)
+    osr = _deepzoom_for(access).osr
+    level = osr.get_best_level_for_downsample(l0_size / out_px)
+    scale = osr.level_downsamples[level]
+    side = max(1, round(l0_size / scale))
+    image = osr.read_region(l0_xy, level, (side, side)).convert("RGB")
+    image = image.resize((out_px, out_px))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+@login_required
+@require_GET
+def slide_region(request, slide_id: int):
+    """``?x=&y=&size=`` (level-0 px) -> a square JPEG of ``px`` pixels (default 128)."""
+    slides = visible(Slide.objects.filter(status="ready"), request.user, "case__cohort")
+    slide = get_object_or_404(slides, pk=slide_id)
+    try:
+        x, y, size = (int(float(request.GET[p])) for p in ("x", "y", "size"))
+        out_px = min(REGION_MAX_PX, max(16, int(request.GET.get("px", "128"))))
+    except (KeyError, ValueError) as exc:
+        raise Http404("give x, y and size in level-0 pixels") from exc
+    if size <= 0 or not (0 <= x < slide.width and 0 <= y < slide.height):
+        raise Http404("the region lies outside the slide")
+    body = _region_jpeg(slide, (x, y), size, out_px)
+    response = HttpResponse(body, content_type="image/jpeg")
+    response["Cache-Control"] = "private, max-age=86400"
+    return response
+
+
+# ---------------------------------------------------------------- static files
+
+
+@require_GET
+def static_asset(request, path: str):
+    """The built viewer (and other static files) when no web server serves ``/static/``."""
+    found = finders.find(path)
+    if not found:
+        raise Http404(f"no static file {path}")
+    file_path = Path(found)
+    content_type, _ = mimetypes.guess_type(file_path.name)
+    response = FileResponse(file_path.open("rb"), content_type=content_type)
+    response["Cache-Control"] = "public, max-age=3600"
+    return response
