@@ -188,7 +188,9 @@ class LoadedBundle:
     mil: Any  # torch.nn.Module in eval mode
 
 
-def load_bundle(path: str | Path, device: str = "cpu", precision: str = "auto") -> LoadedBundle:
+def load_bundle(
+    path: str | Path, device: str | None = None, precision: str | None = None
+) -> LoadedBundle:
     """Verify and load a bundle's encoder and MIL model, ready for ``analysis.pipeline``."""
     from safetensors.torch import load_file
 
@@ -198,17 +200,89 @@ def load_bundle(path: str | Path, device: str = "cpu", precision: str = "auto") 
     bundle_dir = resolve_bundle_dir(path)
     manifest = verify_bundle(bundle_dir)
     enc_weights = manifest.encoder.get("weights")
+    params = {"precision": "auto", **manifest.encoder.get("params", {})}
+    if precision is not None:
+        params["precision"] = precision
     encoder = build_encoder(
         manifest.encoder["name"],
         weights=str(bundle_dir / enc_weights) if enc_weights else None,
         device=device,
-        precision=precision,
-        **manifest.encoder.get("params", {}),
+        **params,
     )
-    mil = build_mil(manifest.mil["name"], manifest.mil.get("config", {}))
     try:
+        mil = build_mil(manifest.mil["name"], manifest.mil.get("config", {}))
         mil.load_state_dict(load_file(str(bundle_dir / manifest.mil["weights"])), strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise BundleError(f"{path}: MIL weights do not fit {manifest.mil['name']}: {exc}") from exc
-    mil.eval().to(device)
+    mil.eval().to(encoder.device)
     return LoadedBundle(manifest, bundle_dir, bundle_sha256(bundle_dir), encoder, mil)
+
+
+def build_bundle_from_features(
+    features_dir: str | Path,
+    labels_csv: str | Path,
+    out_dir: str | Path,
+    *,
+    name: str,
+    version: str,
+    task: str,
+    magnification: float,
+    encoder_name: str = "resnet50_trunc",
+    encoder_weights: str | Path | None = None,
+    mil_name: str = "gltrans",
+    mil_config: dict | None = None,
+    epochs: int = 30,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    maga: dict | None = None,
+    metrics: dict | None = None,
+    is_demo: bool = False,
+    as_zip: bool = False,
+) -> Path:
+    """Train a MIL model on all labelled slides (a patient-level validation split picks the
+    epoch) and write it with its encoder as a bundle."""
+    import numpy as np
+
+    from analysis.commands.crossval import load_bags
+    from analysis.encoders import read_state_dict
+    from analysis.train import TrainConfig, train_model
+
+    bags, classes = load_bags(Path(features_dir), Path(labels_csv))
+    patients = sorted({bag.patient_id for bag in bags})
+    if len(patients) < 2:
+        raise BundleError("building a bundle needs slides from at least two patients")
+    rng = np.random.default_rng(seed)
+    n_val = max(1, int(round(len(patients) * val_fraction)))
+    val_patients = set(rng.permutation(patients)[:n_val].tolist())
+    train_bags = [b for b in bags if b.patient_id not in val_patients]
+    val_bags = [b for b in bags if b.patient_id in val_patients]
+    result = train_model(
+        mil_name, mil_config, train_bags, val_bags, TrainConfig(epochs=epochs, seed=seed)
+    )
+    encoder_state = read_state_dict(encoder_weights) if encoder_weights else None
+    manifest = BundleManifest(
+        name=name,
+        version=version,
+        task=task,
+        classes=list(classes),
+        magnification=float(magnification),
+        patch_size=int(round(128.0 * magnification / 10.0)),
+        encoder={"name": encoder_name, "params": {}},
+        mil={"name": mil_name, "config": result.mil_config},
+        maga=maga,
+        metrics={
+            **(metrics or {}),
+            "validation": result.best_val,
+            "best_epoch": result.best_epoch,
+            "n_train_slides": len(train_bags),
+            "n_val_slides": len(val_bags),
+        },
+        is_demo=is_demo,
+    )
+    return write_bundle(
+        out_dir,
+        manifest,
+        mil_state=result.model.state_dict(),
+        encoder_state=encoder_state,
+        as_zip=as_zip,
+    )

@@ -146,7 +146,8 @@ def predict_slide(
         with clock.stage("tissue"):
             grid = patch_grid(slide, patch_um=manifest.patch_um, min_tissue=min_tissue)
             # Refuse early (before any encoding) when the slide is coarser than the model's input.
-            slide.read_patch(tuple(int(v) for v in grid.l0_xy[0]), magnification, manifest.patch_um)
+            l0_x, l0_y = (int(v) for v in grid.l0_xy[0])
+            slide.read_patch((l0_x, l0_y), magnification, manifest.patch_um)
         n_cells = len(grid.l0_xy)
 
         def on_batch(done: int) -> None:

@@ -1,0 +1,129 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from analysis.bundle import load_bundle, load_manifest, verify_bundle
+from analysis.errors import BundleError, MagnificationUnavailableError, NoTissueError
+from analysis.pipeline import predict_slide
+from tests.bundles import make_tiny_bundle
+from tests.conftest import shared_slide
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_bundle):
+    return load_bundle(tiny_bundle)
+
+
+def test_bundle_manifest_records_weight_checksums(tiny_bundle):
+    manifest = load_manifest(tiny_bundle)
+    assert manifest.mil["weights"] == "mil.safetensors"
+    assert len(manifest.mil["sha256"]) == 64
+    assert manifest.is_demo and "not for diagnosis" in manifest.label
+
+
+def test_tampered_weights_are_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    weights = copy / "mil.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="checksum"):
+        verify_bundle(copy)
+
+
+def test_manifest_without_required_fields_is_refused(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "x"}))
+    with pytest.raises(BundleError, match="lacks"):
+        load_manifest(tmp_path)
+
+
+def test_zip_bundle_loads_like_a_directory(tiny_bundle, tmp_path):
+    import zipfile
+
+    archive = tmp_path / "tiny.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for item in tiny_bundle.iterdir():
+            zf.write(item, item.name)
+    assert load_manifest(archive).name == "tiny-test-model"
+
+
+def test_zip_bundle_with_escaping_entries_is_refused(tmp_path):
+    import zipfile
+
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../manifest.json", "{}")
+    with pytest.raises(BundleError):
+        load_manifest(archive)
+
+
+def test_predict_on_cmu_gives_probabilities_scores_per_cell_and_timings(loaded):
+    result = predict_slide(loaded, shared_slide("cmu-1-small-region.svs"))
+    assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+    assert len(result.instance_scores) == len(result.grid.l0_xy) > 10
+    assert np.all((result.instance_scores >= 0) & (result.instance_scores <= 1))
+    assert {"open", "tissue", "features", "mil", "total"} <= set(result.timings)
+    assert result.predicted_class in ("normal", "lesion")
+
+
+def test_predict_is_deterministic(loaded):
+    slide = shared_slide("cmu-1-small-region.svs")
+    first = predict_slide(loaded, slide)
+    second = predict_slide(loaded, slide)
+    assert first.probabilities == second.probabilities
+    assert np.array_equal(first.instance_scores, second.instance_scores)
+
+
+def test_progress_reports_every_stage(loaded):
+    seen = []
+    predict_slide(
+        loaded, shared_slide("cmu-1-small-region.svs"), progress=lambda s, f: seen.append((s, f))
+    )
+    stages = list(dict.fromkeys(s for s, f in seen if f == 1.0))
+    assert stages == ["open", "tissue", "features", "mil"]
+
+
+def test_predict_on_a_slide_without_tissue_says_so(loaded):
+    with pytest.raises(NoTissueError):
+        predict_slide(loaded, shared_slide("small.svs"))
+
+
+def test_predict_refuses_a_slide_coarser_than_the_model(loaded):
+    with pytest.raises(MagnificationUnavailableError):
+        predict_slide(loaded, shared_slide("dicom-jpeg"))
+
+
+def _lowmag(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "analysis.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_predict_json_on_cmu(tiny_bundle):
+    out = _lowmag(
+        "predict", str(tiny_bundle), str(shared_slide("cmu-1-small-region.svs")), "--json"
+    )
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert len(body["instance_scores"]) == body["n_patches"] == len(body["grid"]["grid_rc"])
+    assert body["timings"]["total"] > 0
+
+
+def test_cli_predict_on_small_svs_says_no_tissue_and_fails(tiny_bundle):
+    out = _lowmag("predict", str(tiny_bundle), str(shared_slide("small.svs")))
+    assert out.returncode != 0
+    assert "tissue" in out.stderr.lower()
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

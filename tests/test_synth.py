@@ -1,0 +1,163 @@
+"""Synthetic H&E-like slides: format, determinism, ground truth, and the class signal's scale."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from analysis.cli import main as cli_main
+from analysis.slides import open_slide
+from analysis.synth import (
+    MASK_L0_PER_PX,
+    SlideModel,
+    SynthDesign,
+    lesion_mask_from_png,
+    write_cohort,
+    write_synthetic_slide,
+)
+
+SIZE = 3000
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synth")
+    return {
+        label: write_synthetic_slide(
+            folder / f"label{label}.svs", width=SIZE, height=SIZE, seed=11 + label, label=label
+        )
+        for label in (0, 1)
+    }
+
+
+def test_synthetic_slide_opens_as_aperio_20x_with_its_dimensions(tmp_path):
+    slide = write_synthetic_slide(tmp_path / "s.svs", width=2500, height=1800, seed=3)
+    with open_slide(slide.path) as opened:
+        assert opened.vendor == "aperio"
+        assert opened.dimensions == (2500, 1800)
+        assert opened.mpp == pytest.approx(0.5)
+        assert opened.mpp_source == "metadata"
+        assert opened.objective_power == 20
+        assert opened.magnification == pytest.approx(20)
+        assert opened.level_dimensions == ((2500, 1800), (625, 450))
+        assert {"label", "macro"} <= set(opened.associated_image_names)
+
+
+def test_same_seed_writes_the_same_file_and_another_seed_does_not(tmp_path):
+    paths = [tmp_path / f"{name}.svs" for name in ("a", "b", "c")]
+    for path, seed in zip(paths, (5, 5, 6), strict=True):
+        write_synthetic_slide(path, width=1500, height=1100, seed=seed, label=1)
+    a, b, c = (p.read_bytes() for p in paths)
+    assert a == b
+    assert a != c
+
+
+def test_regions_render_the_same_whatever_the_strip_they_belong_to():
+    model = SlideModel(
+        2000,
+        2000,
+        seed=2,
+        label=1,
+        mpp=0.5,
+        lesion_fraction=0.5,
+        morphology_strength=1.0,
+        design=SynthDesign(tissue_fraction=0.9),
+    )
+    whole = model.render(700, 300, 600, 900)
+    top = model.render(700, 300, 250, 900)
+    bottom_right = model.render(950, 777, 350, 423)
+    assert np.array_equal(whole[:250], top)
+    assert np.array_equal(whole[250:, 477:], bottom_right)
+
+
+def test_label1_slide_has_lesions_inside_tissue_and_label0_none(slides):
+    positive, negative = slides[1], slides[0]
+    assert positive.lesion_mask.shape == (SIZE // MASK_L0_PER_PX + 1, SIZE // MASK_L0_PER_PX + 1)
+    assert positive.lesion_mask.any()
+    assert not (positive.lesion_mask & ~positive.tissue_mask).any()
+    assert positive.lesion_area_fraction == pytest.approx(0.3, abs=0.03)
+    assert not negative.lesion_mask.any()
+    assert np.array_equal(lesion_mask_from_png(positive.path), positive.lesion_mask)
+    assert positive.mask_path.name == "label1.svs.mask.png"
+
+
+def _patches(slide, mask: np.ndarray, level: int, n: int = 30) -> np.ndarray:
+    """(n, S, S, 3) patches of 128 µm centred well inside ``mask`` (S = 256 / 4**level)."""
+    core = ndimage.binary_erosion(mask, iterations=9)
+    rows, cols = np.nonzero(core)
+    pick = np.random.default_rng(0).choice(len(rows), n, replace=False)
+    side = 256 // 4**level
+    out = []
+    with open_slide(slide.path) as opened:
+        for i in pick:
+            l0_xy = (int(cols[i]) * MASK_L0_PER_PX - 128, int(rows[i]) * MASK_L0_PER_PX - 128)
+            out.append(opened.read_region_rgb(l0_xy, level, (side, side)))
+    return np.stack(out).astype(np.float32)
+
+
+def _high_frequency_energy(patches: np.ndarray) -> float:
+    grey = patches.mean(axis=-1)  # (n, S, S)
+    return float(np.mean([(ndimage.laplace(g) ** 2).mean() for g in grey]))
+
+
+def test_classes_differ_in_fine_texture_at_20x_but_much_less_after_4x_downsample(slides):
+    lesion = slides[1].lesion_mask
+    normal = slides[0].tissue_mask
+    ratio_20x = _high_frequency_energy(_patches(slides[1], lesion, 0)) / _high_frequency_energy(
+        _patches(slides[0], normal, 0)
+    )
+    ratio_5x = _high_frequency_energy(_patches(slides[1], lesion, 1)) / _high_frequency_energy(
+        _patches(slides[0], normal, 1)
+    )
+    assert ratio_20x > 2.5
+    assert 0.7 < ratio_5x < 1.3
+    assert abs(np.log(ratio_5x)) < abs(np.log(ratio_20x)) / 4
+
+
+def test_classes_match_in_colour_at_5x(slides):
+    lesion = _patches(slides[1], slides[1].lesion_mask, 1).mean(axis=(0, 1, 2))  # (3,)
+    normal = _patches(slides[0], slides[0].tissue_mask, 1).mean(axis=(0, 1, 2))
+    assert np.abs(lesion - normal).max() < 8
+
+
+def test_zero_morphology_strength_makes_lesions_invisible():
+    kwargs = dict(mpp=0.5, lesion_fraction=0.6, design=SynthDesign(tissue_fraction=0.9))
+    lesion = SlideModel(1500, 1500, seed=4, label=1, morphology_strength=0.0, **kwargs)
+    normal = SlideModel(1500, 1500, seed=4, label=0, morphology_strength=1.0, **kwargs)
+    assert lesion.lesion_mask.any()
+    assert np.array_equal(lesion.render(0, 0, 1500, 1500), normal.render(0, 0, 1500, 1500))
+
+
+def test_cohort_writes_labels_csv_and_patients_slides_share_labels(tmp_path):
+    labels_path = write_cohort(
+        tmp_path, n_patients=4, slides_per_patient=2, width=1024, height=1024, seed=9
+    )
+    with open(labels_path, newline="") as fh:
+        reader = csv.reader(fh)
+        assert next(reader) == ["patient_id", "slide_id", "label"]
+        rows = list(reader)
+    assert len(rows) == 8
+    by_patient: dict[str, set[str]] = {}
+    for patient_id, slide_id, label in rows:
+        by_patient.setdefault(patient_id, set()).add(label)
+        assert (tmp_path / f"{slide_id}.svs").is_file()
+        assert slide_id.startswith(patient_id)
+    assert all(len(labels) == 1 for labels in by_patient.values())
+    assert sorted(labels.pop() for labels in by_patient.values()) == ["0", "0", "1", "1"]
+
+
+def test_cli_synth_slide_prints_json(tmp_path, capsys):
+    out = tmp_path / "cli.svs"
+    code = cli_main(
+        ["synth", "slide", str(out), "--width", "1200", "--height", "900", "--seed", "2",
+         "--label", "1", "--json"]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["path"] == str(out) and summary["label"] == 1
+    assert summary["width"] == 1200 and summary["mpp"] == 0.5
+    assert out.is_file() and (tmp_path / "cli.svs.mask.png").is_file()
