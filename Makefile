@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m analysis.demo
+	$(BIN)/python manage.py demo $(DEMO_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -27,6 +27,7 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "t
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 DATA_DIR = Path(env_str("LOWMAG_DATA_DIR") or BASE_DIR / "data").resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)  # the embedded SQLite database lives here
 MEDIA_ROOT = DATA_DIR / "media"
 MEDIA_URL = "/media/"
 UPLOAD_DIR = DATA_DIR / "uploads"

@@ -1,0 +1,495 @@
+"""Patch encoders: ResNet50 (torchvision state-dict layout) and the truncated ResNet50 of CLAM.
+
+``ResNet50Trunc`` stops after ``layer3`` and average-pools to a 1024-d embedding. Its parameter
+names are torchvision's, so an ImageNet ``resnet50`` weight file loads into it: ``layer4.*`` and
+``fc.*`` are dropped, every other key must match exactly (see ``load_weights``).
+
+Without a weight file ``build_encoder`` returns the *fallback teacher*: the same network
+initialised from a fixed seed (He-normal convolutions, BatchNorm weight 1 / bias 0, running
+statistics 0 / 1). It never sees a label. ``calibrate_batchnorm`` can then re-estimate the
+BatchNorm statistics on unlabeled patches (MAGA does this on its 20x patches when no teacher
+weights are given) so that activations stay well scaled through the 13 blocks.
+
+A second family, ``vit_tiny`` (ViT-Tiny/16, timm's state-dict names, 192-d), exposes the same
+``forward_blocks`` so MAGA can align it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from analysis.errors import AnalysisError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FALLBACK_SEED = 0
+BLOCK_NAMES = ("layer1", "layer2", "layer3", "pooled")
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+class WeightsMismatchError(AnalysisError):
+    """A weight file does not fit the encoder it is loaded into."""
+
+
+# --------------------------------------------------------------------------------------------
+# Networks
+# --------------------------------------------------------------------------------------------
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution, as in torchvision."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        width = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, width, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != width:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def _make_layer(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    layers = [Bottleneck(inplanes, planes, stride)]
+    layers += [Bottleneck(planes * Bottleneck.expansion, planes) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+def _init_weights(model: nn.Module) -> None:
+    """torchvision's ResNet initialisation (He-normal fan-out convolutions, unit BatchNorm)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class _Stem(nn.Module):
+    """conv1 / bn1 / relu / maxpool and layer1..layer3, shared by both networks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.layer1 = _make_layer(64, 64, 3, stride=1)
+        self.layer2 = _make_layer(256, 128, 4, stride=2)
+        self.layer3 = _make_layer(512, 256, 6, stride=2)
+
+    def _blocks(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
+        l1 = self.layer1(x)  # (B, 256, H/4, W/4)
+        l2 = self.layer2(l1)  # (B, 512, H/8, W/8)
+        l3 = self.layer3(l2)  # (B, 1024, H/16, W/16)
+        return {"layer1": l1, "layer2": l2, "layer3": l3}
+
+
+class ResNet50(_Stem):
+    """The full torchvision-layout ResNet50 (25,557,032 parameters with the 1000-way fc)."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.layer4 = _make_layer(1024, 512, 3, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2048, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        l4 = self.layer4(self._blocks(x)["layer3"])  # (B, 2048, H/32, W/32)
+        return self.fc(torch.flatten(self.avgpool(l4), 1))  # (B, num_classes)
+
+
+class ResNet50Trunc(_Stem):
+    """ResNet50 cut after layer3 + global average pooling: a 1024-d patch embedding."""
+
+    embed_dim = 1024
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        _init_weights(self)
+
+    def forward_blocks(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The maps MAGA aligns: layer1, layer2, layer3 and the pooled vector (B, 1024)."""
+        blocks = self._blocks(x)
+        blocks["pooled"] = torch.flatten(self.avgpool(blocks["layer3"]), 1)  # (B, 1024)
+        return blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_blocks(x)["pooled"]
+
+
+def forward_blocks(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Block outputs of a registered network (each one exposes ``forward_blocks``)."""
+    return model.forward_blocks(x)  # type: ignore[operator]
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, D / heads)
+        attended = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, D / heads)
+        return self.proj(attended.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+class _Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _PatchEmbed(nn.Module):
+    def __init__(self, dim: int, patch: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)  # (B, D, H / patch, W / patch)
+
+
+class _VitBlock(nn.Module):
+    """Pre-norm transformer block (timm's parameter names)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = _Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = _Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))  # (B, N, D)
+
+
+class VitTiny(nn.Module):
+    """ViT-Tiny/16 (192-d, 12 blocks, 3 heads) with timm's state-dict names.
+
+    Position embeddings are stored for 224 px (14 x 14 tokens) and resized bicubically to the
+    input's token grid, so 64 px (4 x 4 tokens) and 256 px (16 x 16) inputs both work. For MAGA
+    the outputs of blocks 4, 8 and 12 (patch tokens as (B, D, h, w) maps) stand in for layer1..3
+    and the normalised class token is the pooled embedding.
+    """
+
+    embed_dim = 192
+    patch = 16
+    block_taps = (3, 7, 11)  # blocks whose outputs MAGA aligns
+
+    def __init__(self, depth: int = 12, heads: int = 3, base_tokens: int = 14) -> None:
+        super().__init__()
+        dim = self.embed_dim
+        self.patch_embed = _PatchEmbed(dim, self.patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, base_tokens**2 + 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(_VitBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def _pos(self, h: int, w: int) -> torch.Tensor:
+        cls_pos, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]  # (1, 1, D), (1, n*n, D)
+        n = int(round(grid.shape[1] ** 0.5))
+        if (h, w) != (n, n):
+            grid = grid.reshape(1, n, n, -1).permute(0, 3, 1, 2)  # (1, D, n, n)
+            grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+            grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # (1, h*w, D)
+        return torch.cat([cls_pos, grid], dim=1)
+
+    def forward_blocks(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = self.patch_embed(x)  # (B, D, h, w)
+        B, D, h, w = tokens.shape
+        x = torch.cat([self.cls_token.expand(B, -1, -1), tokens.flatten(2).transpose(1, 2)], 1)
+        x = x + self._pos(h, w)  # (B, 1 + h*w, D)
+        out = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.block_taps:
+                name = BLOCK_NAMES[self.block_taps.index(i)]
+                out[name] = x[:, 1:].transpose(1, 2).reshape(B, D, h, w)  # (B, D, h, w)
+        out["pooled"] = self.norm(x)[:, 0]  # (B, D)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_blocks(x)["pooled"]
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a ``.pth``/``.pt`` file (loaded with weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsMismatchError(f"weight file {path} does not exist: check the path")
+    state: Any
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the same user problem
+        raise WeightsMismatchError(
+            f"cannot read weight file {path} ({exc}); expected a .safetensors or .pth state dict"
+        ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise WeightsMismatchError(f"weight file {path} does not hold a flat state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state dict strictly; a full ResNet50 file may load into ``ResNet50Trunc``.
+
+    Keys ``layer4.*``, ``fc.*`` and ``head.*`` are dropped when the model has no such modules
+    (torchvision ImageNet files into the truncated network, classifier heads of ViT files). ``num_batches_tracked`` may be absent (old
+    torchvision files). Anything else missing or unexpected, or any shape mismatch, raises
+    ``WeightsMismatchError`` naming the keys.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    for prefix in ("layer4.", "fc.", "head."):
+        if not any(k.startswith(prefix) for k in own):
+            state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [
+        f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        raise WeightsMismatchError(
+            f"weight file {path} does not fit {type(model).__name__}: "
+            + _describe_keys("missing", missing)
+            + _describe_keys("unexpected", unexpected)
+            + _describe_keys("wrong shape", wrong_shape)
+            + "use a torchvision-layout ResNet50 state dict"
+        )
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def _describe_keys(kind: str, keys: list[str]) -> str:
+    if not keys:
+        return ""
+    shown = ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+    return f"{len(keys)} {kind} key(s): {shown}; "
+
+
+def save_weights(model: nn.Module, path: str | Path) -> Path:
+    """Write the model's state dict as safetensors (contiguous CPU tensors)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Re-estimate BatchNorm running statistics as the plain average over unlabeled batches.
+
+    Only running means/variances change; no parameter is trained. The model is left in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches seen
+    model.train()
+    for batch in batches:
+        model(batch)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder wrapper
+# --------------------------------------------------------------------------------------------
+
+
+def imagenet_normalize(patches_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 with ImageNet mean/std."""
+    if isinstance(patches_uint8, np.ndarray) and not patches_uint8.flags.writeable:
+        patches_uint8 = np.array(patches_uint8)  # read-only memmaps: torch wants writable memory
+    x = torch.as_tensor(patches_uint8)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected patches shaped (N, H, W, 3), got {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def fast_bf16_available(device: str) -> bool:
+    """bf16 pays off on CUDA with bf16 support and on CPUs with AMX or AVX512-BF16."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Encoder:
+    """A patch encoder ready for inference: normalisation, batching, precision, device."""
+
+    name: str
+    model: nn.Module
+    dim: int
+    weights_source: str  # the weight file, or "seeded-init(seed=0)" for the fallback teacher
+    precision: str = "fp32"  # 'fp32' | 'bf16' | 'auto' (bf16 where the hardware has a fast path)
+    channels_last: bool | None = None  # None: on whenever bf16 is used
+    device: str = field(default_factory=default_device)
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        self.model.eval().to(self.device)
+        if self.use_channels_last:
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    @property
+    def use_bf16(self) -> bool:
+        if self.precision == "auto":
+            return fast_bf16_available(self.device)
+        return self.precision == "bf16"
+
+    @property
+    def use_channels_last(self) -> bool:
+        return self.use_bf16 if self.channels_last is None else self.channels_last
+
+    def embed(self, patches_uint8: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 patches -> (N, dim) float32 embeddings."""
+        if len(patches_uint8) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        out = [
+            self.embed_tensor(imagenet_normalize(patches_uint8[i : i + self.batch_size]))
+            for i in range(0, len(patches_uint8), self.batch_size)
+        ]
+        return torch.cat(out).numpy()
+
+    def blocks(self, patches_uint8: np.ndarray) -> dict[str, torch.Tensor]:
+        """Intermediate block outputs (float32, CPU) of one batch; see ``forward_blocks``."""
+        out = self._run(imagenet_normalize(patches_uint8), lambda x: forward_blocks(self.model, x))
+        return {k: v.float().cpu() for k, v in out.items()}
+
+    def embed_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised float -> (B, dim) float32 on CPU."""
+        return self._run(x, self.model).float().cpu()
+
+    def _run(self, x: torch.Tensor, fn: Callable[[torch.Tensor], Any]) -> Any:
+        x = x.to(self.device)
+        if self.use_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.use_bf16),
+        ):
+            return fn(x)
+
+
+def _resnet50_trunc() -> ResNet50Trunc:
+    return ResNet50Trunc()
+
+
+ENCODERS: dict[str, Callable[[], nn.Module]] = {
+    "resnet50_trunc": _resnet50_trunc,
+    "vit_tiny": VitTiny,
+}
+
+
+def build_model(
+    name: str, weights: str | Path | None = None, seed: int = FALLBACK_SEED
+) -> nn.Module:
+    """The bare network; without ``weights`` the deterministic seeded fallback initialisation."""
+    if name not in ENCODERS:
+        raise AnalysisError(f"unknown encoder {name!r}; known encoders: {', '.join(ENCODERS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ENCODERS[name]()
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def build_encoder(
+    name: str = "resnet50_trunc",
+    weights: str | Path | None = None,
+    precision: str = "fp32",
+    device: str | None = None,
+    batch_size: int = 64,
+    channels_last: bool | None = None,
+) -> Encoder:
+    """An ``Encoder`` from the registry; see the module docstring for the no-weights fallback."""
+    model = build_model(name, weights)
+    return Encoder(
+        name=name,
+        model=model,
+        dim=int(model.embed_dim),  # type: ignore[arg-type]
+        weights_source=str(weights) if weights else f"seeded-init(seed={FALLBACK_SEED})",
+        precision=precision,
+        channels_last=channels_last,
+        device=device or default_device(),
+        batch_size=batch_size,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,243 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from analysis.encoders import (
+    ResNet50,
+    ResNet50Trunc,
+    WeightsMismatchError,
+    build_encoder,
+    build_model,
+    calibrate_batchnorm,
+    count_parameters,
+    imagenet_normalize,
+    load_weights,
+)
+from analysis.errors import AnalysisError
+
+
+def _patches(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth, stain-coloured uint8 patches (N, size, size, 3)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        fx, fy, phase = rng.uniform(1, 6, 3)
+        wave = 0.5 + 0.5 * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)  # (S, S)
+        colour = rng.uniform([150, 60, 120], [230, 140, 200])
+        noise = rng.normal(0, 8, (size, size, 3))
+        out.append(np.clip(wave[..., None] * colour + 30 + noise, 0, 255))
+    return np.stack(out).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def torchvision_state() -> dict[str, torch.Tensor]:
+    """A full ResNet50 state dict in torchvision's layout, with non-trivial BN statistics."""
+    torch.manual_seed(123)
+    full = ResNet50()
+    for module in full.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.0)
+    return full.state_dict()
+
+
+def test_full_resnet50_has_torchvision_parameter_count_and_keys():
+    model = ResNet50()
+    keys = model.state_dict().keys()
+    assert count_parameters(model) == 25_557_032
+    for key in (
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.conv1.weight",
+        "layer1.0.downsample.0.weight",
+        "layer1.0.downsample.1.running_var",
+        "layer3.5.bn3.num_batches_tracked",
+        "layer4.2.conv3.weight",
+        "fc.weight",
+        "fc.bias",
+    ):
+        assert key in keys
+    assert model.fc.weight.shape == (1000, 2048)
+
+
+def test_trunc_model_stops_after_layer3_with_1024_dims():
+    model = ResNet50Trunc()
+    keys = model.state_dict().keys()
+    assert not any(k.startswith(("layer4.", "fc.")) for k in keys)
+    blocks = model.eval().forward_blocks(torch.zeros(2, 3, 64, 64))
+    assert blocks["layer1"].shape == (2, 256, 16, 16)
+    assert blocks["layer2"].shape == (2, 512, 8, 8)
+    assert blocks["layer3"].shape == (2, 1024, 4, 4)
+    assert blocks["pooled"].shape == (2, 1024)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_torchvision_state_dict_loads_strictly_into_trunc_and_matches_full_model(
+    tmp_path, torchvision_state, suffix
+):
+    path = tmp_path / f"resnet50{suffix}"
+    if suffix == ".pth":
+        torch.save(torchvision_state, path)
+    else:
+        save_file({k: v.contiguous() for k, v in torchvision_state.items()}, str(path))
+    full = ResNet50()
+    full.load_state_dict(torchvision_state)
+    trunc = load_weights(ResNet50Trunc(), path)
+    for key, value in trunc.state_dict().items():
+        assert torch.equal(value, torchvision_state[key]), key
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = full.eval()._blocks(x)["layer3"].mean(dim=(2, 3))  # (2, 1024)
+        got = trunc.eval()(x)
+    torch.testing.assert_close(got, expected)
+
+
+def test_unexpected_key_raises_naming_it(tmp_path, torchvision_state):
+    state = dict(torchvision_state)
+    state["classifier.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "extra.pth")
+    with pytest.raises(WeightsMismatchError, match=r"unexpected key\(s\): classifier\.weight"):
+        load_weights(ResNet50Trunc(), tmp_path / "extra.pth")
+
+
+def test_missing_key_raises_naming_it(tmp_path, torchvision_state):
+    state = {k: v for k, v in torchvision_state.items() if k != "layer2.1.conv2.weight"}
+    torch.save(state, tmp_path / "missing.pth")
+    with pytest.raises(WeightsMismatchError, match=r"missing key\(s\): layer2\.1\.conv2\.weight"):
+        load_weights(ResNet50Trunc(), tmp_path / "missing.pth")
+
+
+def test_wrong_shape_raises(tmp_path, torchvision_state):
+    state = dict(torchvision_state)
+    state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(WeightsMismatchError, match="wrong shape"):
+        load_weights(ResNet50Trunc(), tmp_path / "shape.pth")
+
+
+def test_full_model_refuses_trunc_file(tmp_path):
+    torch.save(ResNet50Trunc().state_dict(), tmp_path / "trunc.pth")
+    with pytest.raises(
+        WeightsMismatchError, match=r"52 missing key\(s\): layer4\.0\.conv1\.weight"
+    ):
+        load_weights(ResNet50(), tmp_path / "trunc.pth")
+
+
+def test_old_files_without_num_batches_tracked_and_dataparallel_prefix_load(
+    tmp_path, torchvision_state
+):
+    state = {
+        f"module.{k}": v for k, v in torchvision_state.items() if "num_batches_tracked" not in k
+    }
+    torch.save(state, tmp_path / "old.pth")
+    trunc = load_weights(ResNet50Trunc(), tmp_path / "old.pth")
+    assert torch.equal(trunc.conv1.weight, torchvision_state["conv1.weight"])
+
+
+def test_unreadable_weight_file_raises_analysis_error(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(AnalysisError, match="cannot read weight file"):
+        build_encoder("resnet50_trunc", weights=bad)
+    with pytest.raises(AnalysisError, match="does not exist"):
+        build_encoder("resnet50_trunc", weights=tmp_path / "absent.safetensors")
+
+
+def test_unknown_encoder_name_raises():
+    with pytest.raises(AnalysisError, match="unknown encoder 'vit_huge'"):
+        build_encoder("vit_huge")
+
+
+def test_fallback_teacher_is_deterministic_and_labelled():
+    a, b = build_encoder(device="cpu"), build_encoder(device="cpu")
+    assert a.weights_source == "seeded-init(seed=0)"
+    b_state = b.model.state_dict()
+    for key, value in a.model.state_dict().items():
+        assert torch.equal(value, b_state[key]), key
+    torch.manual_seed(99)  # global RNG state must not leak into the fallback init
+    c = build_model("resnet50_trunc")
+    assert torch.equal(c.conv1.weight, a.model.conv1.weight)
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_embed_returns_n_by_1024_float32(size):
+    encoder = build_encoder(device="cpu", batch_size=2)
+    out = encoder.embed(_patches(3, size))
+    assert out.shape == (3, 1024)
+    assert out.dtype == np.float32
+    assert np.isfinite(out).all()
+
+
+def test_embed_is_independent_of_batch_size():
+    patches = _patches(5, 64)
+    small = build_encoder(device="cpu", batch_size=2).embed(patches)
+    large = build_encoder(device="cpu", batch_size=8).embed(patches)
+    np.testing.assert_allclose(small, large, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_embeddings_stay_within_tolerance_of_fp32(channels_last):
+    patches = _patches(4, 64, seed=3)
+    ref = build_encoder(device="cpu", precision="fp32").embed(patches)
+    bf16 = build_encoder(device="cpu", precision="bf16", channels_last=channels_last)
+    out = bf16.embed(patches)
+    cosine = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cosine.min() > 0.99
+    assert not np.array_equal(out, ref)  # bf16 really ran
+
+
+def test_precision_is_validated():
+    with pytest.raises(ValueError, match="precision"):
+        build_encoder(precision="fp8", device="cpu")
+
+
+def test_imagenet_normalize_layout_and_values():
+    patch = np.zeros((1, 2, 2, 3), np.uint8)
+    patch[..., 0] = 255
+    x = imagenet_normalize(patch)
+    assert x.shape == (1, 3, 2, 2)
+    assert x[0, 0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
+    assert x[0, 1, 0, 0].item() == pytest.approx(-0.456 / 0.224, rel=1e-5)
+
+
+def test_calibrate_batchnorm_sets_statistics_from_unlabeled_batches():
+    model = build_model("resnet50_trunc")
+    before = model.bn1.running_var.clone()
+    batches = [imagenet_normalize(_patches(4, 64, seed=s)) for s in range(2)]
+    calibrate_batchnorm(model, batches)
+    assert not model.training
+    assert not torch.equal(model.bn1.running_var, before)
+    assert model.bn1.momentum == 0.1  # momentum restored
+    # the stem BN now normalises the stem's conv output: per-channel mean ~ running mean
+    with torch.inference_mode():
+        conv = model.conv1(torch.cat(batches))
+    torch.testing.assert_close(
+        model.bn1.running_mean, conv.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_vit_tiny_embeds_any_multiple_of_16_and_exposes_blocks(size):
+    encoder = build_encoder("vit_tiny", device="cpu")
+    assert encoder.embed(_patches(2, size)).shape == (2, 192)
+    blocks = encoder.blocks(_patches(2, size))
+    tokens = size // 16
+    assert blocks["layer1"].shape == (2, 192, tokens, tokens)
+    assert blocks["layer3"].shape == (2, 192, tokens, tokens)
+    assert blocks["pooled"].shape == (2, 192)
+
+
+def test_vit_tiny_weights_round_trip_and_classifier_head_is_dropped(tmp_path):
+    source = build_model("vit_tiny", seed=5)
+    state = dict(source.state_dict())
+    state["head.weight"], state["head.bias"] = torch.zeros(1000, 192), torch.zeros(1000)
+    save_file(state, str(tmp_path / "vit.safetensors"))
+    encoder = build_encoder("vit_tiny", weights=tmp_path / "vit.safetensors", device="cpu")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(encoder.model(x), source.eval()(x))

@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from analysis.cli import main as lowmag
+from analysis.encoders import build_encoder
+from analysis.errors import AnalysisError
+from analysis.maga import (
+    MagaConfig,
+    PairCache,
+    build_pair_cache,
+    embedding_distance,
+    embedding_distances,
+    maga_loss,
+    train_maga,
+)
+from tests.conftest import shared_slide
+
+CMU = "cmu-1-small-region.svs"
+
+
+def test_maga_loss_pools_teacher_maps_to_student_size_and_weights_blocks():
+    teacher = {
+        "layer1": torch.arange(16.0).view(1, 1, 4, 4),
+        "pooled": torch.tensor([[1.0, 3.0]]),
+    }
+    student = {"layer1": torch.zeros(1, 1, 2, 2), "pooled": torch.tensor([[1.0, 1.0]])}
+    total, parts = maga_loss(teacher, student, weights=(2.0, 10.0), blocks=("layer1", "pooled"))
+    # 2x2 average pools of 0..15 are 2.5, 4.5, 10.5, 12.5 -> mean |.| = 7.5
+    assert parts == {"layer1": 7.5, "pooled": 1.0}
+    assert total.item() == pytest.approx(2 * 7.5 + 10 * 1.0)
+
+
+def test_maga_loss_is_zero_when_student_matches_pooled_teacher():
+    t = {"layer1": torch.rand(2, 3, 8, 8), "pooled": torch.rand(2, 5)}
+    s = {"layer1": torch.nn.functional.avg_pool2d(t["layer1"], 4), "pooled": t["pooled"].clone()}
+    total, _ = maga_loss(t, s, weights=(1.0, 200.0), blocks=("layer1", "pooled"))
+    assert total.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_embedding_distance_is_normalised_euclidean():
+    a = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    b = np.array([[5.0, 0.0], [0.0, -1.0], [4.0, -3.0]])
+    np.testing.assert_allclose(embedding_distances(a, b), [0.0, 2.0, np.sqrt(2.0)])
+    assert embedding_distance(a, b) == pytest.approx((2.0 + np.sqrt(2.0)) / 3)
+    assert embedding_distance(a, 7 * a) == pytest.approx(0.0)
+
+
+@pytest.fixture(scope="module")
+def cmu_pairs(tmp_path_factory) -> PairCache:
+    root = tmp_path_factory.mktemp("pairs")
+    return build_pair_cache([shared_slide(CMU)], root, low_mag=5, max_patches_per_slide=48)
+
+
+def test_pair_cache_holds_the_same_tissue_at_both_magnifications(cmu_pairs):
+    cache = cmu_pairs
+    assert cache.high.shape[1:] == (256, 256, 3) and cache.low.shape[1:] == (64, 64, 3)
+    assert cache.high.dtype == np.uint8 and len(cache) == len(cache.l0_xy) > 20
+    shrunk = np.stack(
+        [np.asarray(Image.fromarray(np.asarray(h)).resize((64, 64), Image.BOX)) for h in cache.high]
+    ).astype(float)
+    low = np.asarray(cache.low, float)
+    same_cell = np.abs(shrunk - low).mean(axis=(1, 2, 3))  # (N,)
+    other_cell = np.abs(shrunk - np.roll(low, 1, axis=0)).mean(axis=(1, 2, 3))
+    assert same_cell.mean() < 6.0
+    assert same_cell.mean() < 0.3 * other_cell.mean()
+
+
+def test_pair_cache_is_reused_when_rebuilt_with_same_arguments(cmu_pairs):
+    again = build_pair_cache(
+        [shared_slide(CMU)], cmu_pairs.root, low_mag=5, max_patches_per_slide=48
+    )
+    np.testing.assert_array_equal(again.l0_xy, cmu_pairs.l0_xy)
+    reopened = PairCache.open(cmu_pairs.root)
+    assert (reopened.low_mag, reopened.high_mag) == (5.0, 20.0)
+
+
+def _quick_config(**overrides) -> MagaConfig:
+    base = dict(
+        epochs=8,
+        batch_size=8,
+        lr=3e-4,
+        lr_decay=0.95,
+        holdout_fraction=0.25,
+        calibration_patches=16,
+        device="cpu",
+    )
+    return MagaConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(cmu_pairs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("maga")
+    return out, train_maga(cmu_pairs, out, _quick_config())
+
+
+def test_maga_loss_falls_and_aligned_5x_embeddings_move_towards_20x_teacher(trained):
+    out, result = trained
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 8 and sum(h["steps"] for h in result.history) >= 24
+    assert np.mean(losses[-2:]) < losses[0]
+    assert result.alignment["pairs"] >= 5  # held-out pairs, never trained on
+    assert result.alignment["aligned"] < result.alignment["unaligned"]
+    summary = json.loads((out / "maga.json").read_text())
+    assert summary["alignment"] == result.alignment and summary["low_mag"] == 5.0
+
+
+def test_aligned_student_loads_as_an_encoder_and_beats_the_unaligned_teacher(trained, cmu_pairs):
+    out, result = trained
+    student = build_encoder("resnet50_trunc", weights=result.student_path, device="cpu")
+    teacher = build_encoder("resnet50_trunc", weights=out / "teacher.safetensors", device="cpu")
+    low, high = np.asarray(cmu_pairs.low[:16]), np.asarray(cmu_pairs.high[:16])
+    reference = teacher.embed(high)  # (N, 1024) at 20x
+    aligned = embedding_distance(student.embed(low), reference)
+    unaligned = embedding_distance(teacher.embed(low), reference)
+    assert aligned < unaligned
+    # the student learnt: its weights differ from the teacher it started from
+    assert not torch.equal(
+        student.model.layer3[0].conv1.weight, teacher.model.layer3[0].conv1.weight
+    )
+
+
+def test_resume_continues_from_the_saved_epoch(cmu_pairs, trained, tmp_path):
+    teacher = trained[0] / "teacher.safetensors"
+    config = _quick_config(epochs=1, max_steps_per_epoch=2)
+    first = train_maga(cmu_pairs, tmp_path, config, teacher_weights=teacher)
+    assert first.teacher_source == str(teacher)
+    state = json.loads((tmp_path / "checkpoints" / "state.json").read_text())
+    assert state["epoch"] == 1
+    config = _quick_config(epochs=2, max_steps_per_epoch=2)
+    resumed = train_maga(cmu_pairs, tmp_path, config, teacher_weights=teacher, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert resumed.history[0] == first.history[0]
+    assert resumed.history[1]["lr"] == pytest.approx(3e-4 * 0.95)  # scheduler state restored
+    assert json.loads((tmp_path / "checkpoints" / "state.json").read_text())["epoch"] == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch*")) == [
+        "epoch002.optim.pt",
+        "epoch002.safetensors",
+    ]
+
+
+def test_resume_with_different_settings_is_refused(cmu_pairs, trained, tmp_path):
+    teacher = trained[0] / "teacher.safetensors"
+    config = _quick_config(epochs=1, max_steps_per_epoch=1, holdout_fraction=0)
+    train_maga(cmu_pairs, tmp_path, config, teacher_weights=teacher)
+    with pytest.raises(AnalysisError, match="use the same settings"):
+        train_maga(
+            cmu_pairs,
+            tmp_path,
+            _quick_config(epochs=2, max_steps_per_epoch=1, holdout_fraction=0, lr=1e-3),
+            teacher_weights=teacher,
+            resume=True,
+        )
+
+
+def test_train_maga_command_writes_a_student(tmp_path, capsys):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / CMU).symlink_to(shared_slide(CMU))
+    out = tmp_path / "run"
+    argv = ["train-maga", "--slides", str(slides), "--mag", "5", "--epochs", "1"]
+    argv += ["--patches-per-slide", "8", "--batch-size", "4", "--max-steps", "1", "-o", str(out)]
+    assert lowmag(argv) == 0
+    assert (out / "student.safetensors").is_file()
+    assert json.loads(capsys.readouterr().out)["student"].endswith("student.safetensors")
+
+
+def test_train_maga_command_reports_an_empty_folder(tmp_path, capsys):
+    assert lowmag(["train-maga", "--slides", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
+    assert "no whole-slide files" in capsys.readouterr().err
+
+
+def test_maga_aligns_a_second_encoder_family(cmu_pairs, tmp_path):
+    config = _quick_config(encoder="vit_tiny", epochs=3, lr=1e-4)
+    result = train_maga(cmu_pairs, tmp_path, config)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert result.alignment["aligned"] < result.alignment["unaligned"]
+    student = build_encoder("vit_tiny", weights=result.student_path, device="cpu")
+    assert student.embed(np.asarray(cmu_pairs.low[:2])).shape == (2, 192)
