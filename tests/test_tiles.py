@@ -1,0 +1,207 @@
+"""Slide and heatmap tiles through the portal: geometry, alignment, caching, permissions."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from analysis.heatmap import colormap_lut
+from portal.viewer import tiles
+from tests.conftest import shared_slide
+from tests.portal_fixtures import make_case, make_user
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tile_caches():
+    tiles.forget_access()
+    tiles._tile_bytes.clear()
+    tiles._tilers.clear()
+    yield
+    tiles.forget_access()
+
+
+@pytest.fixture
+def cmu_case(db, settings, tmp_path, cohort_a):
+    import openslide
+
+    from analysis.slides import open_slide
+    from analysis.tissue import patch_grid
+    from portal.analyses.models import AnalysisJob, ModelVersion, Prediction
+
+    settings.SLIDE_DIR = tmp_path
+    source = shared_slide("cmu-1-small-region.svs")
+    (tmp_path / "cmu").mkdir()
+    (tmp_path / "cmu" / "cmu.svs").symlink_to(source)
+    case = make_case(cohort_a, "CMU-1")
+    slide = case.slides.get()
+    with openslide.OpenSlide(str(source)) as osr:
+        slide.width, slide.height = osr.dimensions
+    slide.file = "cmu/cmu.svs"
+    slide.save()
+    with open_slide(source) as image:
+        grid = patch_grid(image)
+    scores = np.linspace(0.0, 1.0, len(grid.grid_rc)).astype(np.float32)
+    model = ModelVersion.objects.create(
+        name="m",
+        version="1",
+        task="t",
+        classes=["a", "b"],
+        magnification=5,
+        bundle_path="/nonexistent",
+        sha256="f" * 64,
+    )
+    job = AnalysisJob.objects.create(
+        slide=slide, model_version=model, idempotency_key="k", state="succeeded"
+    )
+    prediction = Prediction.objects.create(
+        job=job,
+        slide=slide,
+        model_version=model,
+        probabilities={"a": 0.2, "b": 0.8},
+        predicted_class="b",
+        confidence=0.8,
+        instance_scores=Prediction.pack_scores(scores),
+        grid={
+            "n_rows": grid.n_rows,
+            "n_cols": grid.n_cols,
+            "l0_patch_size": grid.l0_patch_size,
+            "grid_rc": grid.grid_rc.tolist(),
+        },
+    )
+    return {"slide": slide, "prediction": prediction, "grid": grid, "scores": scores}
+
+
+def _login(client, user):
+    client.force_login(user)
+    return client
+
+
+def test_slide_dzi_matches_openslide_deepzoom_geometry(client, path_a, cmu_case):
+    from openslide import OpenSlide
+    from openslide.deepzoom import DeepZoomGenerator
+
+    slide = cmu_case["slide"]
+    response = _login(client, path_a).get(f"/slides/{slide.pk}.dzi")
+    assert response.status_code == 200
+    with OpenSlide(str(shared_slide("cmu-1-small-region.svs"))) as osr:
+        expected = DeepZoomGenerator(osr, tile_size=254, overlap=1).get_dzi("jpeg")
+    def attrs(xml: str) -> list:
+        body = xml.split("?>", 1)[-1]  # without the XML declaration
+        return sorted(re.findall(r'(\w+)="([^"]+)"', body))
+
+    assert attrs(response.content.decode()) == attrs(expected)
+
+
+def test_slide_tile_is_the_deepzoom_tile(client, path_a, cmu_case):
+    from openslide import OpenSlide
+    from openslide.deepzoom import DeepZoomGenerator
+
+    slide = cmu_case["slide"]
+    with OpenSlide(str(shared_slide("cmu-1-small-region.svs"))) as osr:
+        dz = DeepZoomGenerator(osr, tile_size=254, overlap=1)
+        level = dz.level_count - 1
+        expected = np.asarray(dz.get_tile(level, (2, 3)).convert("RGB"), dtype=np.int16)
+    response = _login(client, path_a).get(f"/slides/{slide.pk}_files/{level}/2_3.jpeg")
+    assert response.status_code == 200
+    assert response["Content-Type"] == "image/jpeg"
+    got = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"), dtype=np.int16)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).mean() < 4  # JPEG re-encoding only
+
+
+def test_tiles_carry_an_etag_and_answer_304_when_unchanged(client, path_a, cmu_case):
+    slide = cmu_case["slide"]
+    client = _login(client, path_a)
+    first = client.get(f"/slides/{slide.pk}_files/8/0_0.jpeg")
+    assert "immutable" in first["Cache-Control"]
+    again = client.get(f"/slides/{slide.pk}_files/8/0_0.jpeg", HTTP_IF_NONE_MATCH=first["ETag"])
+    assert again.status_code == 304
+
+
+def test_heatmap_dzi_has_the_slide_geometry(client, path_a, cmu_case):
+    slide, prediction = cmu_case["slide"], cmu_case["prediction"]
+    client = _login(client, path_a)
+    slide_xml = client.get(f"/slides/{slide.pk}.dzi").content.decode()
+    heat_xml = client.get(f"/slides/{slide.pk}/heatmap/{prediction.pk}.dzi").content.decode()
+    size = re.compile(r"<Size[^>]*/>")
+    assert size.search(slide_xml).group(0) == size.search(heat_xml).group(0)
+    assert 'TileSize="254"' in heat_xml and 'Overlap="1"' in heat_xml
+
+
+@pytest.mark.parametrize("levels_below_top", [0, 1, 2])
+def test_heatmap_tiles_align_with_slide_tiles_at_every_level(
+    client, path_a, cmu_case, levels_below_top
+):
+    from analysis.heatmap import DeepZoomGeometry
+
+    slide, prediction, grid = cmu_case["slide"], cmu_case["prediction"], cmu_case["grid"]
+    scores = cmu_case["scores"]
+    geometry = DeepZoomGeometry(slide.width, slide.height)
+    level = geometry.level_count - 1 - levels_below_top
+    scale = geometry.l0_per_z(level)
+    lut = colormap_lut()
+    client = _login(client, path_a)
+    index = len(grid.grid_rc) // 2
+    l0_x, l0_y = grid.l0_xy[index] + grid.l0_patch_size / 2  # centre of one scored cell
+    z_x, z_y = int(l0_x // scale), int(l0_y // scale)
+    col, row = z_x // 254, z_y // 254
+    t_x, t_y, t_w, t_h = geometry.tile_box(level, (col, row))
+    heat = client.get(f"/slides/{slide.pk}/heatmap/{prediction.pk}_files/{level}/{col}_{row}.png")
+    slide_tile = client.get(f"/slides/{slide.pk}_files/{level}/{col}_{row}.jpeg")
+    heat_img = Image.open(io.BytesIO(heat.content))
+    slide_img = Image.open(io.BytesIO(slide_tile.content))
+    assert heat_img.size == slide_img.size == (t_w, t_h)
+    pixel = np.asarray(heat_img.convert("RGBA"))[z_y - t_y, z_x - t_x]
+    expected = lut[int(round(float(np.float16(scores[index])) * 255))]
+    assert np.abs(pixel[:3].astype(int) - expected.astype(int)).max() <= 2
+    assert pixel[3] > 0
+
+
+def test_a_pathologist_of_another_cohort_gets_404_for_every_tile(client, path_b, cmu_case):
+    slide, prediction = cmu_case["slide"], cmu_case["prediction"]
+    client = _login(client, path_b)
+    for url in (
+        f"/slides/{slide.pk}.dzi",
+        f"/slides/{slide.pk}_files/8/0_0.jpeg",
+        f"/slides/{slide.pk}/heatmap/{prediction.pk}.dzi",
+        f"/slides/{slide.pk}/heatmap/{prediction.pk}_files/8/0_0.png",
+        f"/slides/{slide.pk}/thumbnail.png",
+    ):
+        assert client.get(url).status_code == 404, url
+
+
+def test_anonymous_gets_no_tiles(client, cmu_case):
+    slide = cmu_case["slide"]
+    assert client.get(f"/slides/{slide.pk}_files/8/0_0.jpeg").status_code == 404
+    assert client.get(f"/slides/{slide.pk}.dzi").status_code == 404
+
+
+def test_a_tile_outside_the_pyramid_is_404(client, path_a, cmu_case):
+    slide = cmu_case["slide"]
+    client = _login(client, path_a)
+    assert client.get(f"/slides/{slide.pk}_files/99/0_0.jpeg").status_code == 404
+    assert client.get(f"/slides/{slide.pk}_files/8/999_0.jpeg").status_code == 404
+
+
+def test_admin_sees_every_cohorts_tiles(client, cmu_case):
+    admin = make_user("root", staff=True)
+    slide = cmu_case["slide"]
+    assert _login(client, admin).get(f"/slides/{slide.pk}.dzi").status_code == 200
+
+
+def test_unreadable_slide_tile_fails_clearly_without_a_500(client, settings, tmp_path, cohort_a):
+    settings.SLIDE_DIR = tmp_path
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "bad.svs").symlink_to(shared_slide("unreadable.svs"))
+    case = make_case(cohort_a, "BAD-1")
+    slide = case.slides.get()
+    slide.file = "bad/bad.svs"
+    slide.save()
+    user = make_user("reader", cohort=cohort_a)
+    response = _login(client, user).get(f"/slides/{slide.pk}_files/0/0_0.jpeg")
+    assert response.status_code == 502
+    assert b"cannot be read" in response.content
