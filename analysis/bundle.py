@@ -272,7 +272,10 @@ def build_bundle_from_features(
         maga=maga,
         metrics={
             **(metrics or {}),
-            "validation": result.best_val,
+            "validation": {
+                k: (None if isinstance(v, float) and v != v else v)  # NaN -> null (strict JSON)
+                for k, v in result.best_val.items()
+            },
             "best_epoch": result.best_epoch,
             "n_train_slides": len(train_bags),
             "n_val_slides": len(val_bags),

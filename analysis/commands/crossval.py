@@ -1,0 +1,202 @@
+"""``lowmag crossval``: patient-level k-fold cross-validation of a MIL model on saved features.
+
+Features: a folder of ``<slide_id>.h5`` files, each with datasets ``features`` (N, D) and
+``coords`` (N, 2) level-0 (x, y), optionally ``grid_rc`` (N, 2) (row, col) and the attribute
+``l0_patch_size``. Without ``grid_rc`` the grid cell is derived from ``coords`` divided by the
+patch spacing (``l0_patch_size``, else the smallest non-zero coordinate step).
+Labels: a CSV with header ``patient_id,slide_id,label``; labels may be class names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis.errors import AnalysisError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "crossval",
+        help="patient-level k-fold cross-validation of a MIL model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--features", required=True, type=Path, help="folder of <slide_id>.h5")
+    parser.add_argument("--labels", required=True, type=Path, help="CSV patient_id,slide_id,label")
+    parser.add_argument(
+        "--model", default="gltrans", choices=["gltrans", "abmil", "clam_sb", "transmil"]
+    )
+    parser.add_argument("--folds", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--instance-subsample", type=float, default=1.0, help="fraction kept per training step"
+    )
+    parser.add_argument(
+        "--max-instances", type=int, default=None, help="cap on instances per training step"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument(
+        "--mil-config", default=None, help="model config as JSON, e.g. '{\"dim\": 256}'"
+    )
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("-o", "--out", required=True, type=Path, help="output folder")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from analysis.evaluate import crossval
+    from analysis.train import TrainConfig
+
+    bags, classes = load_bags(args.features, args.labels)
+    mil_config = _parse_mil_config(args.mil_config)
+    train_cfg = TrainConfig(
+        lr=args.lr,
+        epochs=args.epochs,
+        patience=args.patience,
+        seed=args.seed,
+        num_threads=args.threads,
+        instance_subsample=args.instance_subsample,
+        max_train_instances=args.max_instances,
+        device=args.device,
+    )
+    try:
+        result = crossval(
+            bags,
+            args.model,
+            mil_config,
+            train_cfg,
+            folds=args.folds,
+            out_dir=args.out,
+            classes=classes,
+            n_bootstrap=args.bootstrap,
+            split_seed=args.seed,
+        )
+    except ValueError as exc:
+        raise AnalysisError(f"cross-validation of {args.model} failed: {exc}") from exc
+    print(result.paths["markdown"].read_text())
+    print(f"report written to {args.out}")
+    return 0
+
+
+def _parse_mil_config(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AnalysisError(
+            f"--mil-config is not valid JSON ({exc}); pass e.g. '{{\"dim\": 256}}'"
+        ) from exc
+    if not isinstance(config, dict):
+        raise AnalysisError("--mil-config must be a JSON object such as '{\"dim\": 256}'")
+    return config
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def read_labels(path: Path) -> list[dict[str, str]]:
+    """Rows of the labels CSV; refuses a file without the three required columns."""
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"patient_id", "slide_id", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise AnalysisError(
+                f"labels file {path} lacks columns {sorted(missing)}; "
+                "its header must be patient_id,slide_id,label"
+            )
+        rows = [{k: (v or "").strip() for k, v in row.items() if k} for row in reader]
+    if not rows:
+        raise AnalysisError(f"labels file {path} has no rows")
+    seen: set[str] = set()
+    for line, row in enumerate(rows, start=2):
+        if not (row["patient_id"] and row["slide_id"] and row["label"]):
+            raise AnalysisError(
+                f"labels file {path}, line {line}: empty patient_id, slide_id or label"
+            )
+        if row["slide_id"] in seen:
+            raise AnalysisError(
+                f"labels file {path}, line {line}: slide {row['slide_id']} is listed twice"
+            )
+        seen.add(row["slide_id"])
+    return rows
+
+
+def load_bags(features_dir: Path, labels_csv: Path) -> tuple[list[Any], list[str]]:
+    """Bags for every labelled slide, and the sorted class names (label index order)."""
+    from analysis.train import Bag
+
+    rows = read_labels(labels_csv)
+    classes = sorted({row["label"] for row in rows}, key=_class_sort_key)
+    bags = []
+    for row in rows:
+        path = features_dir / f"{row['slide_id']}.h5"
+        if not path.is_file():
+            raise AnalysisError(
+                f"no feature file {path} for slide {row['slide_id']} listed in {labels_csv}; "
+                "extract its features or remove it from the labels file"
+            )
+        features, grid_rc = read_feature_file(path)
+        bags.append(
+            Bag(features, grid_rc, classes.index(row["label"]), row["slide_id"], row["patient_id"])
+        )
+    return bags, classes
+
+
+def _class_sort_key(name: str) -> tuple[int, float | str]:
+    """Numeric labels sort as numbers ("2" < "10"), names alphabetically."""
+    try:
+        return (0, float(name))
+    except ValueError:
+        return (1, name)
+
+
+def read_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, D) float32, grid_rc (N, 2) int64) from one slide's HDF5 file."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            features = np.asarray(h5["features"], dtype=np.float32)
+            if "grid_rc" in h5:
+                grid_rc = np.asarray(h5["grid_rc"], dtype=np.int64)
+            else:
+                coords = np.asarray(h5["coords"], dtype=np.float64)
+                grid_rc = grid_rc_from_l0_xy(coords, h5.attrs.get("l0_patch_size"))
+    except (OSError, KeyError) as exc:
+        raise AnalysisError(
+            f"cannot read features from {path} ({exc}); it needs datasets 'features' and "
+            "'coords' (or 'grid_rc'): re-extract the slide's features"
+        ) from exc
+    if features.ndim != 2 or grid_rc.shape != (features.shape[0], 2):
+        raise AnalysisError(
+            f"{path}: features {features.shape} and grid {grid_rc.shape} do not match; "
+            "expected (N, D) and (N, 2): re-extract the slide's features"
+        )
+    return features, grid_rc
+
+
+def grid_rc_from_l0_xy(l0_xy: np.ndarray, l0_patch_size: float | None = None) -> np.ndarray:
+    """Grid (row, col) from level-0 (x, y) patch corners and the patch spacing."""
+    if l0_xy.ndim != 2 or l0_xy.shape[1] != 2:
+        raise ValueError(f"coords must be (N, 2) level-0 (x, y), got {l0_xy.shape}")
+    spacing = float(l0_patch_size) if l0_patch_size else _min_step(l0_xy)
+    shifted = l0_xy - l0_xy.min(axis=0)
+    col_row = np.rint(shifted / spacing).astype(np.int64)  # (N, 2) as (col, row)
+    return col_row[:, ::-1].copy()
+
+
+def _min_step(l0_xy: np.ndarray) -> float:
+    steps = np.concatenate([np.diff(np.unique(l0_xy[:, axis])) for axis in (0, 1)])
+    steps = steps[steps > 0]
+    return float(steps.min()) if len(steps) else 1.0

@@ -1,0 +1,300 @@
+"""GLTrans: the global-local transformer for multiple-instance learning (SPEC §4).
+
+A bag is one slide: N patch embeddings (N, D) and their cells on the slide's patch grid
+(N, 2) as (row, col). Each block adds, in parallel, multi-head self-attention over all
+instances (global) and depth-wise dilated convolutions over the true 2-D grid (local):
+
+    x = x + Global(LN(x)) + Local(LN(x))
+    x = x + FFN(LN(x))
+
+Positions enter only through the local branch, so logits do not depend on the order the
+instances are given in, and instance scores follow the instances.
+
+Global attention runs through ``scaled_dot_product_attention`` restricted to the flash /
+memory-efficient kernels (memory linear in N; no N x N matrix). Attention dropout is never
+used because the CPU flash kernel falls back to the N x N math path when it is on; dropout
+acts on the sublayer outputs instead. Where no linear-memory kernel applies, queries are
+processed in chunks so peak memory stays linear in N.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+SMALL_BAG = 2048  # below this many tokens an N x N matrix is harmless: any SDPA kernel will do
+CHUNK_ELEMENTS = 1 << 25  # fallback: query chunk sized so one chunk's scores hold ~32M floats
+MAX_GRID_CELLS = 4_000_000  # 2000 x 2000 cells of 128 µm is 25 cm square: larger is not a slide
+LINEAR_MEMORY_KERNELS = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+]
+
+
+@dataclass
+class GLTransConfig:
+    in_dim: int = 1024  # patch embedding size (ResNet50-trunc: 1024)
+    dim: int = 512  # token width after the input projection
+    n_classes: int = 2
+    n_heads: int = 8  # global attention heads; dim must divide evenly
+    depth: int = 2  # number of global-local blocks
+    dilations: tuple[int, ...] = (1, 3, 5)  # local branch: one depth-wise 3x3 conv per rate
+    kernel_size: int = 3
+    ffn_mult: int = 4  # feed-forward hidden width = ffn_mult * dim
+    dropout: float = 0.0  # on sublayer outputs (never inside attention: see module docstring)
+    score_method: str = "attention"  # instance scores: "attention" or "contrast"
+
+    def __post_init__(self) -> None:
+        self.dilations = tuple(int(d) for d in self.dilations)
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.score_method not in ("attention", "contrast"):
+            raise ValueError(
+                f"score_method must be 'attention' or 'contrast', not {self.score_method!r}"
+            )
+
+
+# --- bag handling shared by every MIL model -------------------------------------------------
+
+
+def as_bag(features: Tensor, coords: Tensor | None) -> tuple[Tensor, Tensor | None, bool]:
+    """Accept (N, D) or (1, N, D) features; return (N, D), (N, 2) coords, had_batch_dim."""
+    batched = features.dim() == 3
+    if batched:
+        if features.shape[0] != 1:
+            raise ValueError(f"MIL models take one bag at a time, got batch {features.shape[0]}")
+        features = features[0]
+    if features.dim() != 2:
+        raise ValueError(f"features must be (N, D) or (1, N, D), got {tuple(features.shape)}")
+    if features.shape[0] == 0:
+        raise ValueError("a bag needs at least one instance")
+    if coords is not None:
+        if coords.dim() == 3:
+            coords = coords[0]
+        if coords.shape != (features.shape[0], 2):
+            raise ValueError(
+                f"coords must be (N, 2) grid (row, col) for {features.shape[0]} instances, "
+                f"got {tuple(coords.shape)}"
+            )
+    return features, coords, batched
+
+
+def bag_output(logits: Tensor, batched: bool) -> Tensor:
+    """(C,) logits, or (1, C) when the caller passed a leading batch dimension."""
+    return logits.unsqueeze(0) if batched else logits
+
+
+# --- attention --------------------------------------------------------------------------
+
+
+def linear_memory_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Softmax attention (B, H, L, hd) -> (B, H, L, hd) without an L x L matrix for big L."""
+    length = q.shape[-2]
+    if length <= SMALL_BAG:
+        return F.scaled_dot_product_attention(q, k, v)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with sdpa_kernel(LINEAR_MEMORY_KERNELS):
+                return F.scaled_dot_product_attention(q, k, v)
+    except RuntimeError:
+        return chunked_attention(q, k, v)
+
+
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Math-path attention over query chunks: peak memory chunk x L instead of L x L."""
+    batch, heads, length, _ = q.shape
+    chunk = max(1, CHUNK_ELEMENTS // (batch * heads * k.shape[-2]))
+    parts = [
+        F.scaled_dot_product_attention(q[..., start : start + chunk, :], k, v)
+        for start in range(0, length, chunk)
+    ]
+    return torch.cat(parts, dim=-2)
+
+
+class GlobalAttention(nn.Module):
+    """Multi-head self-attention over CLS + instances; optionally the CLS attention row."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, cls_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        length, dim = x.shape  # (L, D), token 0 is CLS
+        head_dim = dim // self.n_heads
+        qkv = self.qkv(x).view(length, 3, self.n_heads, head_dim)
+        q, k, v = qkv.permute(1, 2, 0, 3).contiguous().unbind(0)  # each (H, L, hd)
+        out = linear_memory_attention(q[None], k[None], v[None])[0]  # (H, L, hd)
+        out = out.transpose(0, 1).reshape(length, dim)  # (L, D)
+        weights = None
+        if cls_weights:
+            # The CLS row alone, with an explicit softmax: (H, 1, L), cheap for any L.
+            scores = q[:, :1] @ k.transpose(-1, -2) * head_dim**-0.5
+            weights = scores.softmax(dim=-1)
+        return self.drop(self.proj(out)), weights
+
+
+# --- local branch on the true grid -------------------------------------------------------
+
+
+class GridCells(NamedTuple):
+    """Where each instance sits on a dense (H, W) canvas of its bag's grid."""
+
+    flat: Tensor  # (N,) long, row * W + col after shifting min row/col to 0
+    n_rows: int
+    n_cols: int
+    inv_count: Tensor  # (N, 1) 1 / instances sharing the cell (duplicates are averaged)
+
+
+def grid_cells(grid_rc: Tensor) -> GridCells:
+    """Normalise (row, col) so the smallest row and column are 0, and index the canvas."""
+    rc = grid_rc.long()
+    rc = rc - rc.min(dim=0).values  # (N, 2)
+    n_rows, n_cols = (int(v) + 1 for v in rc.max(dim=0).values)
+    if n_rows * n_cols > MAX_GRID_CELLS:
+        raise ValueError(
+            f"the bag's grid spans {n_rows} x {n_cols} cells; coords must be patch-grid "
+            "(row, col) cells, not level-0 pixels: divide pixel coordinates by the patch size"
+        )
+    flat = rc[:, 0] * n_cols + rc[:, 1]  # (N,)
+    counts = torch.bincount(flat, minlength=n_rows * n_cols)
+    inv_count = (1.0 / counts[flat].float()).unsqueeze(1)  # (N, 1)
+    return GridCells(flat, n_rows, n_cols, inv_count)
+
+
+class LocalConv(nn.Module):
+    """Depth-wise dilated 3x3 convolutions on the patch grid, summed over dilation rates.
+
+    Instances are scattered to their cells, empty cells stay zero, and the summed output
+    is gathered back at the instance cells.
+    """
+
+    def __init__(self, dim: int, dilations: tuple[int, ...], kernel_size: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(
+                dim,
+                dim,
+                kernel_size,
+                padding=d * (kernel_size // 2),
+                dilation=d,
+                groups=dim,
+            )
+            for d in dilations
+        )
+
+    def forward(self, x: Tensor, cells: GridCells) -> Tensor:
+        dim = x.shape[1]  # x: (N, D)
+        canvas = x.new_zeros(cells.n_rows * cells.n_cols, dim)
+        canvas = canvas.index_add(0, cells.flat, x * cells.inv_count.to(x.dtype))  # (H*W, D)
+        # (H, W, D) viewed as (1, D, H, W) is channels-last memory: no copy for the convs.
+        canvas = canvas.view(1, cells.n_rows, cells.n_cols, dim).permute(0, 3, 1, 2)
+        summed = sum(conv(canvas) for conv in self.convs)  # (1, D, H, W)
+        summed = summed.permute(0, 2, 3, 1).reshape(cells.n_rows * cells.n_cols, dim)
+        return summed[cells.flat]  # (N, D)
+
+
+def _require_grid(grid_rc: Tensor | None) -> Tensor:
+    if grid_rc is None:
+        raise ValueError("GLTrans needs coords: the (N, 2) grid (row, col) of every instance")
+    return grid_rc
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, mult: int, dropout: float) -> None:
+        super().__init__(
+            nn.Linear(dim, mult * dim),
+            nn.GELU(),
+            nn.Linear(mult * dim, dim),
+            nn.Dropout(dropout),
+        )
+
+
+class GlobalLocalBlock(nn.Module):
+    def __init__(self, config: GLTransConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.dim)
+        self.attn = GlobalAttention(config.dim, config.n_heads, config.dropout)
+        self.local = LocalConv(config.dim, config.dilations, config.kernel_size)
+        self.local_drop = nn.Dropout(config.dropout)
+        self.norm2 = nn.LayerNorm(config.dim)
+        self.ffn = FeedForward(config.dim, config.ffn_mult, config.dropout)
+
+    def forward(
+        self, x: Tensor, cells: GridCells, cls_weights: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        h = self.norm1(x)  # (1 + N, D)
+        global_out, weights = self.attn(h, cls_weights)
+        local_out = self.local_drop(self.local(h[1:], cells))  # (N, D); CLS gets no local term
+        x = x + global_out + F.pad(local_out, (0, 0, 1, 0))
+        x = x + self.ffn(self.norm2(x))
+        return x, weights
+
+
+class GLTrans(nn.Module):
+    """``forward(features, coords) -> (logits, instance_scores)``; one bag per call."""
+
+    def __init__(self, config: GLTransConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Sequential(nn.Linear(config.in_dim, config.dim), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.randn(1, config.dim) * 0.02)
+        self.blocks = nn.ModuleList(GlobalLocalBlock(config) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(config.dim)
+        self.head = nn.Linear(config.dim, config.n_classes)
+
+    def encode(self, features: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens after the last block (1 + N, D) and last-layer CLS attention (H, 1 + N)."""
+        param = self.head.weight
+        cells = grid_cells(coords.to(param.device))
+        x = self.embed(features.to(device=param.device, dtype=param.dtype))  # (N, D)
+        x = torch.cat([self.cls_token, x], dim=0)  # (1 + N, D)
+        weights: Tensor | None = None
+        for i, block in enumerate(self.blocks):
+            x, weights = block(x, cells, cls_weights=i == len(self.blocks) - 1)
+        assert weights is not None
+        return x, weights[:, 0]
+
+    def forward(self, features: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
+        features, grid_rc, batched = as_bag(features, coords)
+        tokens, cls_attention = self.encode(features, _require_grid(grid_rc))
+        logits = self.head(self.norm(tokens[0]))  # (C,)
+        attention = cls_attention[:, 1:].mean(dim=0)  # (N,) mean over heads
+        if self.config.score_method == "contrast":
+            scores = self._contrast(tokens[1:], attention, int(logits.argmax()))
+        else:
+            scores = attention
+        return bag_output(logits, batched), scores
+
+    def class_contrast_scores(
+        self, features: Tensor, coords: Tensor, target: int | None = None
+    ) -> Tensor:
+        """Attention x (instance logit of ``target`` minus the mean of the other classes).
+
+        Instance logits come from the readout head applied to each instance's final token.
+        ``target`` defaults to the predicted class. Positive: the instance argues for it.
+        """
+        features, grid_rc, _ = as_bag(features, coords)
+        tokens, cls_attention = self.encode(features, _require_grid(grid_rc))
+        if target is None:
+            target = int(self.head(self.norm(tokens[0])).argmax())
+        return self._contrast(tokens[1:], cls_attention[:, 1:].mean(dim=0), target)
+
+    def _contrast(self, instance_tokens: Tensor, attention: Tensor, target: int) -> Tensor:
+        instance_logits = self.head(self.norm(instance_tokens))  # (N, C)
+        n_classes = instance_logits.shape[1]
+        others = (instance_logits.sum(dim=1) - instance_logits[:, target]) / max(1, n_classes - 1)
+        return attention * (instance_logits[:, target] - others)  # (N,)

@@ -1,0 +1,133 @@
+"""MIL training: Lookahead, augmentation, model selection, determinism, learning an easy task."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.train import (
+    Bag,
+    Lookahead,
+    TrainConfig,
+    _augment,
+    _to_tensors,
+    predict_logits,
+    train_model,
+    validation_metrics,
+)
+
+
+def easy_bags(n: int, seed: int, dim: int = 16) -> list[Bag]:
+    """Positive bags hide 4 instances carrying a +3 shift on the first 4 features."""
+    rng = np.random.default_rng(seed)
+    bags = []
+    for i in range(n):
+        label = i % 2
+        size = int(rng.integers(20, 40))
+        features = rng.normal(size=(size, dim)).astype(np.float32)
+        if label:
+            features[rng.choice(size, 4, replace=False), :4] += 3.0
+        cells = rng.choice(64, size, replace=False)
+        grid_rc = np.stack(np.unravel_index(cells, (8, 8)), axis=1)
+        bags.append(Bag(features, grid_rc, label, f"s{seed}-{i}", f"p{seed}-{i}"))
+    return bags
+
+
+def test_lookahead_updates_slow_weights_every_k_steps():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = Lookahead(torch.optim.SGD([weight], lr=1.0), k=3, alpha=0.5)
+    seen = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        (-weight).sum().backward()  # gradient -1: each SGD step adds 1
+        optimizer.step()
+        seen.append((float(weight.detach()), float(optimizer.slow_weights[0][0])))
+    # fast 1, 2, 3 -> slow 0 + 0.5 * 3 = 1.5, fast restarts there; then 2.5, 3.5, 4.5 -> 3.0
+    assert seen == [(1, 0), (2, 0), (1.5, 1.5), (2.5, 1.5), (3.5, 1.5), (3.0, 3.0)]
+
+
+def test_lookahead_state_dict_restores_slow_weights_and_step_count():
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = Lookahead(torch.optim.Adam([weight], lr=0.1), k=6)
+    weight.grad = torch.ones(2)
+    optimizer.step()
+    state = optimizer.state_dict()
+    other = Lookahead(torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=0.1), k=6)
+    other.load_state_dict(state)
+    assert other.step_count == 1
+    assert torch.equal(other.slow_weights[0][0], torch.ones(2))
+
+
+def test_augmentation_subsamples_and_shuffles_but_keeps_positions_with_features():
+    bag = _to_tensors(easy_bags(1, seed=0))[0]
+    cfg = TrainConfig(instance_subsample=0.5, shuffle_instances=True)
+    augmented = _augment(bag, cfg, np.random.default_rng(0))
+    n = bag.features.shape[0]
+    assert augmented.features.shape[0] == int(np.ceil(n * 0.5))
+    original = {tuple(rc.tolist()): f for rc, f in zip(bag.grid_rc, bag.features, strict=True)}
+    for rc, features in zip(augmented.grid_rc, augmented.features, strict=True):
+        assert torch.equal(original[tuple(rc.tolist())], features)
+    kept_rows = [int(np.flatnonzero((bag.grid_rc == rc).all(1))[0]) for rc in augmented.grid_rc]
+    assert kept_rows != sorted(kept_rows)  # the order is shuffled
+
+
+def test_training_on_an_easy_bag_set_reaches_perfect_validation():
+    result = train_model(
+        "gltrans",
+        {"dim": 32, "n_heads": 4},
+        easy_bags(40, seed=0),
+        easy_bags(16, seed=1),
+        TrainConfig(lr=1e-3, epochs=8, patience=8, seed=0),
+    )
+    assert result.best_val["macro_f1"] == 1.0
+    assert result.best_val["auc"] > 0.9
+    assert result.mil_config["in_dim"] == 16 and result.mil_config["n_classes"] == 2
+
+
+def test_returned_model_is_the_best_validation_epoch():
+    val = easy_bags(12, seed=1)
+    result = train_model(
+        "abmil",
+        {"dim": 16, "attn_dim": 8},
+        easy_bags(16, seed=0),
+        val,
+        TrainConfig(lr=3e-3, epochs=6, patience=6),
+    )
+    best_f1 = max(row["val_macro_f1"] for row in result.history)
+    best_row = result.history[result.best_epoch - 1]
+    assert best_row["val_macro_f1"] == best_f1
+    again = validation_metrics(predict_logits(result.model, val), np.array([b.label for b in val]))
+    assert again["macro_f1"] == best_row["val_macro_f1"]
+    assert again["loss"] == pytest.approx(best_row["val_loss"], rel=1e-5)
+
+
+def test_training_is_deterministic_for_a_seed():
+    def run(seed: int) -> dict:
+        return train_model(
+            "gltrans",
+            {"dim": 16, "n_heads": 2, "depth": 1},
+            easy_bags(6, seed=0),
+            easy_bags(4, seed=1),
+            TrainConfig(lr=1e-3, epochs=2, patience=2, seed=seed, instance_subsample=0.7),
+        ).model.state_dict()
+
+    first, second, other = run(3), run(3), run(4)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_clam_trains_with_its_instance_loss():
+    result = train_model(
+        "clam_sb",
+        {"dim": 16, "attn_dim": 8, "k_sample": 4},
+        easy_bags(8, seed=0),
+        easy_bags(4, seed=1),
+        TrainConfig(lr=1e-3, epochs=2, patience=2),
+    )
+    assert all(np.isfinite(row["train_loss"]) for row in result.history)
+
+
+def test_training_refuses_a_config_that_contradicts_the_features():
+    with pytest.raises(ValueError, match="in_dim=32 but features are 16-d"):
+        train_model("abmil", {"in_dim": 32}, easy_bags(2, 0), easy_bags(2, 1), TrainConfig())
