@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-demo: setup
+frontend: frontend/dist/viewer.js
+
+frontend/dist/viewer.js: frontend/package.json frontend/package-lock.json frontend/vite.config.js $(shell find frontend/src -type f 2>/dev/null)
+	cd frontend && npm ci --no-audit --no-fund --loglevel=error && npm run build
+
+demo: setup frontend
 	$(BIN)/python manage.py demo $(DEMO_ARGS)
 
 lint: setup
@@ -26,7 +31,7 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: setup lint
+test: setup lint frontend
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

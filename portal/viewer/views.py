@@ -253,7 +253,9 @@ def prediction_top_k(request, prediction_id: int):
         }
         for rank, i in enumerate(top_regions(scores, grid_rc, k))
     ]
-    return JsonResponse({"prediction": prediction.pk, "slide": prediction.slide_id, "regions": regions})
+    return JsonResponse(
+        {"prediction": prediction.pk, "slide": prediction.slide_id, "regions": regions}
+    )
 
 
 def _region_jpeg(slide: Slide, l0_xy: tuple[int, int], l0_size: int, out_px: int) -> bytes:

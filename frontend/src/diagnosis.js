@@ -1,0 +1,229 @@
+// Diagnosis panel: the AI suggestion beside the pathologist's call, a draft autosaved with
+// optimistic locking, signing with password re-entry, amendments with a reason.
+import { api } from './api.js';
+
+const SAVE_DEBOUNCE_MS = 700;
+const STATUS_LABELS = { signed: 'Signed', in_review: 'In review', ready: 'Ready for review' };
+
+const pct = (v) => `${Math.round(v * 100)}%`;
+const el = (id) => document.getElementById(id);
+
+function escapeText(text) {
+  const span = document.createElement('span');
+  span.textContent = text;
+  return span.innerHTML;
+}
+
+export function renderAiSuggestion(container, prediction) {
+  if (!prediction) {
+    container.innerHTML = '<p class="muted">No AI analysis yet.</p>';
+    return;
+  }
+  const rows = Object.entries(prediction.probabilities || {})
+    .sort((a, b) => b[1] - a[1])
+    .map(
+      ([name, p]) =>
+        `<li><span class="name">${escapeText(name)}</span><span class="prob"><span class="fill" style="width:${pct(p)}"></span></span><span class="value">${pct(p)}</span></li>`,
+    )
+    .join('');
+  container.innerHTML = `
+    <p class="ai-call"><strong>${escapeText(prediction.predicted_class)}</strong>
+      <span class="confidence-chip">${pct(prediction.confidence)} confidence</span></p>
+    <ul class="probabilities">${rows}</ul>
+    <p class="muted small">${escapeText(prediction.model)} · assistive only; the signed call is yours.</p>`;
+}
+
+export class DiagnosisPanel {
+  constructor(caseInfo, classes, canWrite) {
+    this.caseInfo = caseInfo;
+    this.canWrite = canWrite;
+    this.form = el('diagnosis-form');
+    this.versions = [];
+    this.current = null; // the latest version (draft or signed)
+    this.saveTimer = null;
+    this.saving = Promise.resolve();
+    this._fillCalls(this.form.elements.call, classes);
+    this._fillCalls(el('amend-call'), classes);
+    this._wire();
+  }
+
+  _fillCalls(select, classes) {
+    for (const name of [...classes, 'other (see text)']) {
+      const option = document.createElement('option');
+      option.value = option.textContent = name;
+      select.appendChild(option);
+    }
+  }
+
+  async load() {
+    const { data } = await api(`/api/v1/diagnoses?case=${this.caseInfo.id}&ordering=version&page_size=100`);
+    this.versions = data.results;
+    this.current = this.versions[this.versions.length - 1] || null;
+    this.render();
+  }
+
+  _values() {
+    const f = this.form.elements;
+    return { call: f.call.value, diagnosis_text: f.diagnosis_text.value, free_text: f.free_text.value };
+  }
+
+  render() {
+    const d = this.current;
+    const signed = d?.status === 'signed';
+    const f = this.form.elements;
+    if (d) {
+      if (d.call && ![...f.call.options].some((o) => o.value === d.call)) {
+        f.call.add(new Option(d.call, d.call));
+      }
+      f.call.value = d.call || '';
+      f.diagnosis_text.value = d.diagnosis_text || '';
+      f.free_text.value = d.free_text || '';
+    }
+    for (const input of this.form.querySelectorAll('select, textarea')) input.disabled = signed || !this.canWrite;
+    el('sign-button').hidden = signed || !this.canWrite;
+    el('amend-button').hidden = !signed || !this.canWrite;
+    const state = el('diagnosis-state');
+    state.textContent = signed ? `signed v${d.version}` : d ? `draft v${d.version}` : 'not started';
+    state.className = `badge ${signed ? 'signed' : 'draft'}`;
+    const banner = el('signed-banner');
+    banner.hidden = !signed;
+    if (signed) {
+      const when = new Date(d.signed_at).toLocaleString();
+      banner.innerHTML = `<strong>Signed</strong> by ${escapeText(d.signed_by || '')} on ${escapeText(when)}
+        ${d.version > 1 ? ` · amendment v${d.version}: ${escapeText(d.amendment_reason)}` : ''}
+        <span class="hash" title="content hash">${escapeText((d.content_hash || '').slice(0, 12))}</span>`;
+    }
+    el('diagnosis-panel').classList.toggle('is-signed', signed);
+    if (signed) el('diagnosis-saved').textContent = '';
+    this._renderCaseStatus(signed ? 'signed' : d ? 'in_review' : this.caseInfo.status);
+    el('diagnosis-versions').innerHTML = this.versions.length > 1
+      ? this.versions
+          .map((v) => `<li>v${v.version} ${escapeText(v.status)} · ${escapeText(v.call || '—')}${v.amendment_reason ? ` · ${escapeText(v.amendment_reason)}` : ''}</li>`)
+          .join('')
+      : '';
+  }
+
+  _renderCaseStatus(status) {
+    const badge = el('case-status');
+    if (!badge) return;
+    badge.className = `badge status ${status}`;
+    badge.textContent = STATUS_LABELS[status] || status;
+  }
+
+  _wire() {
+    this.form.addEventListener('input', () => this._scheduleSave());
+    this.form.addEventListener('change', () => this._scheduleSave());
+    el('sign-button').addEventListener('click', () => this._openSign());
+    el('amend-button').addEventListener('click', () => this._openAmend());
+    el('sign-form').addEventListener('submit', (event) => this._onSign(event));
+    el('amend-form').addEventListener('submit', (event) => this._onAmend(event));
+  }
+
+  _scheduleSave() {
+    if (this.current?.status === 'signed' || !this.canWrite) return;
+    el('diagnosis-saved').textContent = 'editing…';
+    clearTimeout(this.saveTimer);
+    this.saveTimer = setTimeout(() => this.flush(), SAVE_DEBOUNCE_MS);
+  }
+
+  flush() {
+    clearTimeout(this.saveTimer);
+    this.saving = this.saving.then(() => this._save()).catch((error) => {
+      el('diagnosis-saved').textContent = `not saved: ${error.message}`;
+      throw error;
+    });
+    return this.saving;
+  }
+
+  async _save() {
+    const body = this._values();
+    const d = this.current;
+    let data;
+    if (!d) {
+      ({ data } = await api('/api/v1/diagnoses', { method: 'POST', body: { case: this.caseInfo.id, ...body } }));
+      this.versions.push(data);
+    } else if (d.status === 'draft') {
+      const unchanged = Object.entries(body).every(([k, v]) => (d[k] || '') === v);
+      if (unchanged) {
+        el('diagnosis-saved').textContent = 'draft saved';
+        return;
+      }
+      ({ data } = await api(`/api/v1/diagnoses/${d.id}`, {
+        method: 'PATCH',
+        body,
+        headers: { 'If-Match': `"${d.row_version}"` },
+      }));
+      this.versions[this.versions.length - 1] = data;
+    } else {
+      return;
+    }
+    this.current = data;
+    el('diagnosis-saved').textContent = `draft saved ${new Date().toLocaleTimeString()}`;
+    this.render();
+  }
+
+  _openSign() {
+    if (!this.form.elements.call.value) {
+      el('diagnosis-saved').textContent = 'choose a call before signing';
+      this.form.elements.call.focus();
+      return;
+    }
+    el('sign-error').hidden = true;
+    el('sign-password').value = '';
+    el('sign-dialog').showModal();
+  }
+
+  async _onSign(event) {
+    if (event.submitter?.value !== 'sign') return;
+    event.preventDefault();
+    const password = el('sign-password').value;
+    try {
+      await this.flush();
+      const { data } = await api(`/api/v1/diagnoses/${this.current.id}/sign`, {
+        method: 'POST',
+        body: { password, row_version: this.current.row_version },
+      });
+      this.current = data;
+      this.versions[this.versions.length - 1] = data;
+      el('sign-dialog').close();
+      this.render();
+    } catch (error) {
+      el('sign-error').textContent = error.message;
+      el('sign-error').hidden = false;
+    }
+  }
+
+  _openAmend() {
+    const f = el('amend-form').elements;
+    f.call.value = this.current.call;
+    f.diagnosis_text.value = this.current.diagnosis_text;
+    f.free_text.value = this.current.free_text;
+    f.reason.value = '';
+    f.password.value = '';
+    el('amend-error').hidden = true;
+    el('amend-dialog').showModal();
+  }
+
+  async _onAmend(event) {
+    if (event.submitter?.value !== 'amend') return;
+    event.preventDefault();
+    const f = el('amend-form').elements;
+    const body = {
+      password: f.password.value,
+      reason: f.reason.value,
+      call: f.call.value,
+      diagnosis_text: f.diagnosis_text.value,
+      free_text: f.free_text.value,
+    };
+    try {
+      const { data } = await api(`/api/v1/diagnoses/${this.current.id}/amend`, { method: 'POST', body });
+      this.versions.push(data);
+      this.current = data;
+      el('amend-dialog').close();
+      this.render();
+    } catch (error) {
+      el('amend-error').textContent = error.message;
+      el('amend-error').hidden = false;
+    }
+  }
+}
