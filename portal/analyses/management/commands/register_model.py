@@ -1,0 +1,149 @@
+"""``manage.py register_model BUNDLE [--activate] [--cohort NAME]``.
+
+Reads the bundle's ``manifest.json`` (through ``analysis.bundle`` when it is installed),
+checksums its weight files, copies the bundle under ``settings.BUNDLE_DIR`` and records a
+``ModelVersion``. Registering the same name and version again with the same weights is a no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
+
+from portal.analyses.models import ModelVersion
+from portal.cases.models import Cohort
+
+REQUIRED = ("name", "version", "task", "classes", "magnification")
+
+
+def read_manifest(bundle: Path) -> dict:
+    """The manifest as a dict, validated; raises CommandError saying what is wrong."""
+    try:
+        from analysis.bundle import load_manifest
+        from analysis.errors import AnalysisError
+    except ImportError:
+        return _read_manifest_json(bundle)
+    try:
+        manifest = load_manifest(bundle)
+    except AnalysisError as exc:
+        raise CommandError(str(exc)) from exc
+    return dataclasses.asdict(manifest) if dataclasses.is_dataclass(manifest) else dict(manifest)
+
+
+def _read_manifest_json(bundle: Path) -> dict:
+    path = bundle / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except OSError as exc:
+        raise CommandError(f"{bundle} is not a model bundle: cannot read {path.name}") from exc
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise CommandError(f"{path}: must hold a JSON object")
+    missing = [key for key in REQUIRED if key not in manifest]
+    if missing:
+        raise CommandError(f"{path}: lacks {', '.join(missing)}")
+    classes = manifest["classes"]
+    if not isinstance(classes, list) or not classes or len(set(map(str, classes))) != len(classes):
+        raise CommandError(f"{path}: classes must be a non-empty list of unique names")
+    if not isinstance(manifest["magnification"], int | float) or manifest["magnification"] <= 0:
+        raise CommandError(f"{path}: magnification must be a positive number")
+    return manifest
+
+
+def weights_sha256(bundle: Path) -> str:
+    """One SHA-256 over the bundle's weight files, in name order (name and content)."""
+    files = sorted(bundle.glob("*.safetensors"))
+    if not files:
+        raise CommandError(f"{bundle}: no *.safetensors weight files")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class Command(BaseCommand):
+    help = "Register a model bundle (directory with manifest.json and safetensors weights)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("bundle", type=Path)
+        parser.add_argument("--activate", action="store_true", help="mark the model active")
+        parser.add_argument("--cohort", help="with --activate: make it this cohort's model")
+
+    def handle(self, *args, bundle: Path, activate: bool, cohort: str | None, **options):
+        if cohort and not activate:
+            raise CommandError("--cohort only makes sense with --activate")
+        bundle = self._bundle_dir(bundle)
+        manifest = read_manifest(bundle)
+        sha256 = weights_sha256(bundle)
+        target = self._cohort(cohort) if cohort else None
+        model = self._register(bundle, manifest, sha256)
+        if activate:
+            with transaction.atomic():
+                ModelVersion.objects.filter(pk=model.pk).update(active=True)
+                if target is not None:
+                    Cohort.objects.filter(pk=target.pk).update(active_model=model)
+        state = " (active" + (f" in {target.name})" if target else ")") if activate else ""
+        self.stdout.write(f"Registered {model}{state}: sha256 {sha256[:12]}…, {model.bundle_path}")
+
+    @staticmethod
+    def _bundle_dir(bundle: Path) -> Path:
+        if bundle.is_file() and bundle.suffix == ".zip":
+            try:
+                from analysis.bundle import resolve_bundle_dir
+            except ImportError as exc:
+                raise CommandError(
+                    "unzip the bundle first: .zip bundles need analysis.bundle"
+                ) from exc
+            return Path(resolve_bundle_dir(bundle))
+        if not bundle.is_dir():
+            raise CommandError(f"{bundle} is not a bundle directory")
+        return bundle
+
+    @staticmethod
+    def _cohort(name: str) -> Cohort:
+        found = Cohort.objects.filter(name=name).first() or Cohort.objects.filter(slug=name).first()
+        if found is None:
+            raise CommandError(f"no cohort named {name!r}")
+        return found
+
+    @staticmethod
+    def _register(bundle: Path, manifest: dict, sha256: str) -> ModelVersion:
+        name, version = str(manifest["name"]), str(manifest["version"])
+        for value in (name, version):
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", value):
+                raise CommandError(f"manifest name/version {value!r}: use letters, digits, . _ + -")
+        existing = ModelVersion.objects.filter(name=name, version=version).first()
+        if existing is not None:
+            if existing.sha256 != sha256:
+                raise CommandError(
+                    f"{name}@{version} is already registered with different weights; "
+                    "give the new bundle a new version"
+                )
+            return existing
+        destination = Path(settings.BUNDLE_DIR) / f"{name}-{version}"
+        if destination.resolve() != bundle.resolve():
+            shutil.rmtree(destination, ignore_errors=True)
+            shutil.copytree(bundle, destination)
+        return ModelVersion.objects.create(
+            name=name,
+            version=version,
+            task=str(manifest["task"]),
+            classes=[str(c) for c in manifest["classes"]],
+            magnification=float(manifest["magnification"]),
+            bundle_path=str(destination),
+            manifest=json.loads(json.dumps(manifest, default=str)),
+            sha256=sha256,
+            is_demo=bool(manifest.get("is_demo", False)),
+        )

@@ -1,0 +1,63 @@
+"""Errors as JSON with a message a client can act on; never a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import DataError, IntegrityError
+from rest_framework import status
+from rest_framework.exceptions import APIException
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from portal.reviews.models import ImmutableRowError
+
+log = logging.getLogger(__name__)
+
+
+class PreconditionFailed(APIException):
+    status_code = status.HTTP_412_PRECONDITION_FAILED
+    default_detail = "The object changed since you read it; reload it and apply your change again."
+    default_code = "precondition_failed"
+
+
+class PreconditionRequired(APIException):
+    status_code = status.HTTP_428_PRECONDITION_REQUIRED
+    default_detail = (
+        "Send the row_version you read, as an If-Match header or a row_version field, "
+        "so a concurrent change is not overwritten."
+    )
+    default_code = "precondition_required"
+
+
+class Conflict(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "The request conflicts with the current state of the object."
+    default_code = "conflict"
+
+
+class NotImplementedHere(APIException):
+    status_code = status.HTTP_501_NOT_IMPLEMENTED
+    default_detail = "This feature is not installed on this server."
+    default_code = "not_implemented"
+
+
+def exception_handler(exc, context):
+    """DRF's handler, plus model-level refusals mapped to 4xx instead of 500."""
+    if isinstance(exc, ImmutableRowError):
+        return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+    if isinstance(exc, IntegrityError):
+        log.info("integrity error on %s: %s", context["request"].path, exc)
+        return Response(
+            {"detail": "This would duplicate or orphan an existing record."},
+            status=status.HTTP_409_CONFLICT,
+        )
+    if isinstance(exc, DataError):
+        return Response(
+            {"detail": "A value is out of range for its field."},
+            status=status.HTTP_400_BAD_REQUEST,
+        )
+    if isinstance(exc, DjangoValidationError):
+        return Response({"detail": exc.messages}, status=status.HTTP_400_BAD_REQUEST)
+    return drf_exception_handler(exc, context)

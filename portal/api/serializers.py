@@ -1,0 +1,428 @@
+"""Serializers of the v1 API. Relations that accept ids only accept objects the user can see."""
+
+from __future__ import annotations
+
+from django.contrib.auth import get_user_model
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from portal.analyses.models import AnalysisJob, ModelVersion, Prediction
+from portal.api.models import ApiToken
+from portal.api.permissions import PATHOLOGIST, cohort_ids, is_admin
+from portal.cases.models import Case, Cohort, Membership, Slide
+from portal.reviews.geojson import GeometryError, validate_color, validate_geometry
+from portal.reviews.models import Annotation, AuditEvent, Diagnosis, SecondOpinionRequest
+
+User = get_user_model()
+
+
+class VisibleRelatedField(serializers.PrimaryKeyRelatedField):
+    """A related id restricted to the objects the requesting user may use.
+
+    ``cohort_path`` leads from the related model to its cohort; ``roles`` narrows to cohorts
+    where the user holds one of them (admins are never narrowed). An id outside that set reads
+    exactly like a missing one.
+    """
+
+    def __init__(self, *, cohort_path: str, roles: tuple[str, ...] | None = None, **kwargs):
+        self.cohort_path = cohort_path
+        self.roles = roles
+        super().__init__(**kwargs)
+
+    def get_queryset(self):
+        queryset = super().get_queryset()
+        request = self.context.get("request")
+        user = getattr(request, "user", None)
+        if is_admin(user):
+            return queryset
+        if user is None or not user.is_authenticated:
+            return queryset.none()
+        return queryset.filter(**{f"{self.cohort_path}__in": cohort_ids(user, self.roles)})
+
+
+class UsernameField(serializers.SlugRelatedField):
+    def __init__(self, **kwargs):
+        super().__init__(slug_field="username", read_only=True, **kwargs)
+
+
+class CohortSerializer(serializers.ModelSerializer):
+    my_role = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Cohort
+        fields = [
+            "id",
+            "name",
+            "slug",
+            "description",
+            "required_magnification",
+            "active_model",
+            "created_at",
+            "my_role",
+        ]
+        read_only_fields = ["active_model", "created_at"]
+        extra_kwargs = {"required_magnification": {"min_value": 0.1, "max_value": 100.0}}
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_my_role(self, cohort: Cohort) -> str | None:
+        user = self.context["request"].user
+        if is_admin(user):
+            return "admin"
+        roles = {m.cohort_id: m.role for m in Membership.objects.filter(user=user)}
+        return roles.get(cohort.pk)
+
+
+class SlideBriefSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Slide
+        fields = ["id", "original_name", "status", "magnification"]
+
+
+class CaseSerializer(serializers.ModelSerializer):
+    cohort = VisibleRelatedField(queryset=Cohort.objects.all(), cohort_path="pk")
+    created_by = UsernameField(allow_null=True)
+    slides = SlideBriefSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = Case
+        fields = [
+            "id",
+            "cohort",
+            "patient_id",
+            "accession_number",
+            "clinical_question",
+            "priority",
+            "status",
+            "created_by",
+            "created_at",
+            "updated_at",
+            "slides",
+        ]
+        read_only_fields = ["status", "created_at", "updated_at"]
+
+
+class SlideSerializer(serializers.ModelSerializer):
+    cohort = serializers.IntegerField(source="case.cohort_id", read_only=True)
+
+    class Meta:
+        model = Slide
+        exclude = ["file"]
+        read_only_fields = [f.name for f in Slide._meta.fields if f.name != "file"]
+
+
+class ModelVersionSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ModelVersion
+        fields = "__all__"
+        read_only_fields = [f.name for f in ModelVersion._meta.fields]
+
+
+class ActivateModelSerializer(serializers.Serializer):
+    cohort = serializers.PrimaryKeyRelatedField(
+        queryset=Cohort.objects.all(),
+        required=False,
+        allow_null=True,
+        help_text="Also make this the cohort's model for new analyses.",
+    )
+
+
+class AnalysisJobSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = AnalysisJob
+        fields = "__all__"
+        read_only_fields = [f.name for f in AnalysisJob._meta.fields]
+
+
+class PredictionSerializer(serializers.ModelSerializer):
+    model = serializers.CharField(source="model_version.__str__", read_only=True)
+    n_instances = serializers.SerializerMethodField()
+    grid_shape = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Prediction
+        exclude = ["instance_scores", "grid"]
+        read_only_fields = [f.name for f in Prediction._meta.fields]
+
+    def get_n_instances(self, prediction: Prediction) -> int:
+        return len(bytes(prediction.instance_scores)) // 2
+
+    @extend_schema_field(
+        {
+            "type": "object",
+            "properties": {"n_rows": {"type": "integer"}, "n_cols": {"type": "integer"}},
+        }
+    )
+    def get_grid_shape(self, prediction: Prediction) -> dict:
+        grid = prediction.grid or {}
+        return {"n_rows": grid.get("n_rows", 0), "n_cols": grid.get("n_cols", 0)}
+
+
+class PredictionScoresSerializer(serializers.Serializer):
+    grid = serializers.JSONField()
+    scores = serializers.ListField(child=serializers.FloatField())
+
+
+class ClassificationSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100, allow_blank=True)
+    color = serializers.ListField(
+        child=serializers.IntegerField(min_value=0, max_value=255),
+        min_length=3,
+        max_length=3,
+        allow_null=True,
+        required=False,
+    )
+
+
+GEOMETRY_SCHEMA = {
+    "type": "object",
+    "description": "GeoJSON Point, LineString, Polygon or MultiPolygon in level-0 pixels.",
+    "properties": {
+        "type": {"type": "string", "enum": ["Point", "LineString", "Polygon", "MultiPolygon"]},
+        "coordinates": {"type": "array", "items": {}},
+    },
+    "required": ["type", "coordinates"],
+}
+
+
+@extend_schema_field(GEOMETRY_SCHEMA)
+class GeometryField(serializers.JSONField):
+    pass
+
+
+class AnnotationSerializer(serializers.ModelSerializer):
+    slide = VisibleRelatedField(queryset=Slide.objects.all(), cohort_path="case__cohort")
+    author = UsernameField()
+    geometry = GeometryField()
+    classification = ClassificationSerializer(required=False, allow_null=True)
+
+    class Meta:
+        model = Annotation
+        fields = [
+            "id",
+            "slide",
+            "author",
+            "geometry",
+            "name",
+            "classification",
+            "version",
+            "deleted",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["version", "deleted", "created_at", "updated_at"]
+
+    def to_representation(self, annotation: Annotation) -> dict:
+        data = super().to_representation(annotation)
+        data["classification"] = (
+            {"name": annotation.classification_name, "color": annotation.classification_color}
+            if annotation.classification_name or annotation.classification_color
+            else None
+        )
+        return data
+
+    def validate(self, attrs: dict) -> dict:
+        slide = attrs.get("slide") or getattr(self.instance, "slide", None)
+        if "geometry" in attrs:
+            bounds = (slide.width, slide.height) if slide and slide.width else None
+            try:
+                attrs["geometry"] = validate_geometry(attrs["geometry"], bounds)
+            except GeometryError as exc:
+                raise serializers.ValidationError({"geometry": str(exc)}) from exc
+        if "classification" in attrs:
+            classification = attrs.pop("classification") or {}
+            attrs["classification_name"] = classification.get("name", "")
+            try:
+                attrs["classification_color"] = validate_color(classification.get("color"))
+            except GeometryError as exc:
+                raise serializers.ValidationError({"classification": str(exc)}) from exc
+        return attrs
+
+
+class AnnotationVersionSerializer(serializers.Serializer):
+    version = serializers.IntegerField()
+    geometry = GeometryField()
+    name = serializers.CharField()
+    classification_name = serializers.CharField()
+    classification_color = serializers.ListField(child=serializers.IntegerField(), allow_null=True)
+    deleted = serializers.BooleanField()
+    edited_by = serializers.CharField(source="edited_by.username")
+    created_at = serializers.DateTimeField()
+
+
+FEATURE_COLLECTION_SCHEMA = {
+    "type": "object",
+    "description": "GeoJSON FeatureCollection (QuPath export format), level-0 pixel coordinates.",
+    "properties": {
+        "type": {"type": "string", "enum": ["FeatureCollection"]},
+        "features": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "type": {"type": "string", "enum": ["Feature"]},
+                    "geometry": GEOMETRY_SCHEMA,
+                    "properties": {"type": "object", "additionalProperties": True},
+                },
+                "required": ["type", "geometry"],
+            },
+        },
+    },
+    "required": ["type", "features"],
+}
+
+
+class ImportResultSerializer(serializers.Serializer):
+    created = serializers.IntegerField()
+    ids = serializers.ListField(child=serializers.IntegerField())
+
+
+class DiagnosisSerializer(serializers.ModelSerializer):
+    case = VisibleRelatedField(queryset=Case.objects.all(), cohort_path="cohort")
+    author = UsernameField()
+    signed_by = UsernameField(allow_null=True)
+    row_version = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        help_text="On update: the row_version you read (or send If-Match). A stale one gets 412.",
+    )
+
+    class Meta:
+        model = Diagnosis
+        fields = [
+            "id",
+            "case",
+            "version",
+            "status",
+            "call",
+            "diagnosis_text",
+            "free_text",
+            "amendment_reason",
+            "previous",
+            "ai_suggestion",
+            "author",
+            "signed_by",
+            "signed_at",
+            "content_hash",
+            "row_version",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = [
+            "version",
+            "status",
+            "amendment_reason",
+            "previous",
+            "ai_suggestion",
+            "signed_at",
+            "content_hash",
+            "created_at",
+            "updated_at",
+        ]
+        validators: list = []  # one draft per case and version numbers are the view's business
+
+    def get_fields(self):
+        fields = super().get_fields()
+        if self.instance is not None and not isinstance(self.instance, list):
+            fields["case"].read_only = True
+        return fields
+
+
+class SignSerializer(serializers.Serializer):
+    password = serializers.CharField(
+        write_only=True, help_text="Your account password, re-entered to sign."
+    )
+    row_version = serializers.IntegerField(required=False, min_value=1)
+
+
+class AmendSerializer(serializers.Serializer):
+    password = serializers.CharField(write_only=True)
+    reason = serializers.CharField(max_length=2000, help_text="Why the signed diagnosis changes.")
+    call = serializers.CharField(max_length=100, required=False, allow_blank=True)
+    diagnosis_text = serializers.CharField(required=False, allow_blank=True)
+    free_text = serializers.CharField(required=False, allow_blank=True)
+
+
+class SecondOpinionSerializer(serializers.ModelSerializer):
+    case = VisibleRelatedField(queryset=Case.objects.all(), cohort_path="cohort")
+    requested_by = UsernameField(allow_null=True)
+    assigned_to = serializers.PrimaryKeyRelatedField(
+        queryset=User.objects.filter(is_active=True), required=False, allow_null=True
+    )
+
+    class Meta:
+        model = SecondOpinionRequest
+        fields = [
+            "id",
+            "case",
+            "diagnosis",
+            "reason",
+            "requested_by",
+            "assigned_to",
+            "status",
+            "created_at",
+            "closed_at",
+        ]
+        read_only_fields = ["diagnosis", "status", "created_at", "closed_at"]
+
+    def validate(self, attrs: dict) -> dict:
+        case = attrs.get("case") or getattr(self.instance, "case", None)
+        assignee = attrs.get("assigned_to")
+        if assignee is not None and case is not None:
+            member = Membership.objects.filter(
+                user=assignee, cohort_id=case.cohort_id, role=PATHOLOGIST
+            ).exists()
+            if not member:
+                raise serializers.ValidationError(
+                    {"assigned_to": "The assignee must be a pathologist of the case's cohort."}
+                )
+        return attrs
+
+
+class ApiTokenSerializer(serializers.ModelSerializer):
+    user = serializers.PrimaryKeyRelatedField(queryset=User.objects.all())
+
+    class Meta:
+        model = ApiToken
+        fields = ["id", "user", "name", "prefix", "created_at", "last_used_at", "revoked_at"]
+        read_only_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
+
+
+class ApiTokenCreatedSerializer(ApiTokenSerializer):
+    token = serializers.CharField(
+        read_only=True, help_text="The raw token. Returned once, now; store it safely."
+    )
+
+    class Meta(ApiTokenSerializer.Meta):
+        fields = [*ApiTokenSerializer.Meta.fields, "token"]
+
+
+class AuditEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = AuditEvent
+        fields = "__all__"
+        read_only_fields = [f.name for f in AuditEvent._meta.fields]
+
+
+class LoginSerializer(serializers.Serializer):
+    username = serializers.CharField(max_length=150)
+    password = serializers.CharField(max_length=1000, write_only=True)
+
+
+class MembershipBriefSerializer(serializers.ModelSerializer):
+    cohort_name = serializers.CharField(source="cohort.name", read_only=True)
+
+    class Meta:
+        model = Membership
+        fields = ["cohort", "cohort_name", "role"]
+
+
+class MeSerializer(serializers.ModelSerializer):
+    is_admin = serializers.SerializerMethodField()
+    memberships = MembershipBriefSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = User
+        fields = ["id", "username", "first_name", "last_name", "email", "is_admin", "memberships"]
+
+    def get_is_admin(self, user) -> bool:
+        return is_admin(user)

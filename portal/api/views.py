@@ -1,0 +1,700 @@
+"""The v1 REST API: one ViewSet per resource on a router, extras as ``@action``.
+
+Every queryset is filtered by cohort membership first (``permissions.visible``), so objects of
+other cohorts answer 404; role checks on writes answer 403.
+"""
+
+from __future__ import annotations
+
+from django.contrib.auth import authenticate, login, logout
+from django.db import models, transaction
+from django.db.models import IntegerField, Max, Q, Value, When
+from django.middleware.csrf import get_token
+from django.shortcuts import get_object_or_404
+from django.utils import timezone
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+    inline_serializer,
+)
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from portal.analyses.models import AnalysisJob, ModelVersion, Prediction
+from portal.api import serializers as s
+from portal.api.exceptions import (
+    Conflict,
+    NotImplementedHere,
+    PreconditionFailed,
+    PreconditionRequired,
+)
+from portal.api.models import ApiToken
+from portal.api.permissions import (
+    INTEGRATION,
+    PATHOLOGIST,
+    CohortRolePermission,
+    IsAdmin,
+    IsAdminOrReadOnly,
+    is_admin,
+    require_role,
+    visible,
+)
+from portal.cases.models import Case, Cohort, Slide
+from portal.reviews import audit, geojson, signing
+from portal.reviews.models import Annotation, AuditEvent, Diagnosis, SecondOpinionRequest
+
+DETAIL = inline_serializer("Detail", {"detail": serializers.CharField()})
+INVALID = OpenApiResponse(
+    response={"type": "object", "additionalProperties": True},
+    description="What is invalid: {field: [messages]} or {detail: message}",
+)
+
+
+def _expected_version(request) -> int | None:
+    """The row version the client read: ``If-Match: "3"`` (or W/"3") or a ``row_version`` field."""
+    header = request.headers.get("If-Match")
+    if header:
+        value = header.strip().removeprefix("W/").strip('"')
+        if not value.isdigit() or len(value) > 18:
+            raise ValidationError(
+                {"If-Match": f'expected a row version like "3", got {header!r:.40}'}
+            )
+        return int(value)
+    raw = request.data.get("row_version") if hasattr(request.data, "get") else None
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | str) or not str(raw).isdigit():
+        raise ValidationError({"row_version": "must be a positive integer"})
+    return int(raw)
+
+
+class CohortViewSet(viewsets.ModelViewSet):
+    """Cohorts you belong to (all of them for admins). Only admins create or change them."""
+
+    serializer_class = s.CohortSerializer
+    permission_classes = [IsAdminOrReadOnly]
+    search_fields = ["name", "slug", "description"]
+    ordering_fields = ["name", "created_at"]
+
+    def get_queryset(self):
+        return visible(Cohort.objects.all(), self.request.user, "pk")
+
+
+class CaseViewSet(viewsets.ModelViewSet):
+    """Cases of your cohorts. Integrations and admins create them; only admins delete them."""
+
+    serializer_class = s.CaseSerializer
+    permission_classes = [CohortRolePermission]
+    write_roles = (INTEGRATION,)
+    cohort_path = "cohort"
+    filter_params = {
+        "cohort": ("cohort_id", int),
+        "status": ("status", [c for c, _ in Case.STATUSES]),
+        "priority": ("priority", [c for c, _ in Case.PRIORITIES]),
+        "patient_id": ("patient_id", str),
+        "accession_number": ("accession_number", str),
+    }
+    search_fields = ["patient_id", "accession_number", "clinical_question"]
+    ordering_fields = ["created_at", "updated_at", "priority", "status", "accession_number"]
+
+    def get_queryset(self):
+        cases = Case.objects.select_related("created_by").prefetch_related("slides")
+        return visible(cases, self.request.user, "cohort")
+
+    def perform_create(self, serializer):
+        cohort = serializer.validated_data["cohort"]
+        require_role(self.request.user, cohort.pk, self.write_roles, "create cases")
+        serializer.save(created_by=self.request.user)
+
+    def perform_update(self, serializer):
+        cohort = serializer.validated_data.get("cohort")
+        if cohort is not None:
+            require_role(self.request.user, cohort.pk, self.write_roles, "move cases into it")
+        serializer.save()
+
+    def perform_destroy(self, case):
+        if not is_admin(self.request.user):
+            raise PermissionDenied("Only admins can delete cases.")
+        case.delete()
+
+    def retrieve(self, request, *args, **kwargs):
+        case = self.get_object()
+        if case.status == "signed":
+            audit.record(request.user, "case.view", case, request=request)
+        return Response(self.get_serializer(case).data)
+
+    @extend_schema(
+        responses={
+            200: OpenApiResponse(description="FHIR R4 DiagnosticReport (JSON)"),
+            409: DETAIL,
+            501: DETAIL,
+        }
+    )
+    @action(detail=True, methods=["get"], url_path="fhir")
+    def fhir(self, request, pk=None):
+        """FHIR R4 DiagnosticReport of a signed case."""
+        case = self.get_object()
+        if not case.diagnoses.filter(status=Diagnosis.SIGNED).exists():
+            raise Conflict("Only signed cases have a diagnostic report; sign the diagnosis first.")
+        try:
+            from portal.integrations.fhir import diagnostic_report
+        except ImportError as exc:
+            raise NotImplementedHere("FHIR export is not installed on this server.") from exc
+        report = diagnostic_report(case)
+        audit.record(request.user, "fhir.export", case, request=request)
+        return Response(report)
+
+
+class SlideViewSet(viewsets.ReadOnlyModelViewSet):
+    """Slide records of your cohorts' cases (files arrive through the upload endpoint)."""
+
+    serializer_class = s.SlideSerializer
+    filter_params = {
+        "case": ("case_id", int),
+        "cohort": ("case__cohort_id", int),
+        "status": ("status", [c for c, _ in Slide.STATUSES]),
+        "sha256": ("sha256", str),
+    }
+    search_fields = ["original_name"]
+    ordering_fields = ["created_at", "original_name", "size_bytes"]
+
+    def get_queryset(self):
+        slides = Slide.objects.select_related("case")
+        return visible(slides, self.request.user, "case__cohort")
+
+
+class ModelVersionViewSet(viewsets.ReadOnlyModelViewSet):
+    """Registered model bundles. Admins activate them."""
+
+    serializer_class = s.ModelVersionSerializer
+    queryset = ModelVersion.objects.all()
+    filter_params = {"task": ("task", str), "active": ("active", bool), "name": ("name", str)}
+    search_fields = ["name", "version", "task"]
+    ordering_fields = ["name", "created_at"]
+
+    @extend_schema(request=s.ActivateModelSerializer, responses=s.ModelVersionSerializer)
+    @action(detail=True, methods=["post"], permission_classes=[IsAdmin])
+    def activate(self, request, pk=None):
+        """Mark the model active; with ``cohort``, also make it that cohort's model."""
+        model = self.get_object()
+        body = s.ActivateModelSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        with transaction.atomic():
+            ModelVersion.objects.filter(pk=model.pk).update(active=True)
+            cohort = body.validated_data.get("cohort")
+            if cohort is not None:
+                Cohort.objects.filter(pk=cohort.pk).update(active_model=model)
+            audit.record(
+                request.user,
+                "model.activate",
+                model,
+                request=request,
+                cohort=getattr(cohort, "pk", None),
+            )
+        model.refresh_from_db()
+        return Response(self.get_serializer(model).data)
+
+
+class AnalysisJobViewSet(viewsets.ReadOnlyModelViewSet):
+    """Analysis jobs on your cohorts' slides, with stage and progress."""
+
+    serializer_class = s.AnalysisJobSerializer
+    filter_params = {
+        "slide": ("slide_id", int),
+        "case": ("slide__case_id", int),
+        "state": ("state", [c for c, _ in AnalysisJob.STATES]),
+    }
+    ordering_fields = ["created_at", "finished_at"]
+
+    def get_queryset(self):
+        return visible(AnalysisJob.objects.all(), self.request.user, "slide__case__cohort")
+
+
+class PredictionViewSet(viewsets.ReadOnlyModelViewSet):
+    """Slide-level predictions; instance scores through ``scores``."""
+
+    serializer_class = s.PredictionSerializer
+    filter_params = {
+        "slide": ("slide_id", int),
+        "case": ("slide__case_id", int),
+        "model_version": ("model_version_id", int),
+        "predicted_class": ("predicted_class", str),
+    }
+    ordering_fields = ["created_at", "confidence"]
+
+    def get_queryset(self):
+        predictions = Prediction.objects.select_related("model_version")
+        return visible(predictions, self.request.user, "slide__case__cohort")
+
+    @extend_schema(responses=s.PredictionScoresSerializer)
+    @action(detail=True, methods=["get"])
+    def scores(self, request, pk=None):
+        """Instance scores (one per grid cell, grid order) and the grid they belong to."""
+        prediction = self.get_object()
+        scores = [round(float(v), 4) for v in prediction.scores()]
+        return Response({"grid": prediction.grid, "scores": scores})
+
+
+SLIDE_PARAM = OpenApiParameter("slide", int, required=True, description="Slide id")
+
+
+@extend_schema_view(
+    destroy=extend_schema(description="Mark the annotation deleted (kept in history).")
+)
+class AnnotationViewSet(viewsets.ModelViewSet):
+    """Annotations in level-0 pixels; QuPath GeoJSON through ``import`` and ``export``."""
+
+    serializer_class = s.AnnotationSerializer
+    permission_classes = [CohortRolePermission]
+    write_roles = (PATHOLOGIST,)
+    cohort_path = "slide__case__cohort"
+    filter_params = {
+        "slide": ("slide_id", int),
+        "case": ("slide__case_id", int),
+        "classification": ("classification_name", str),
+    }
+    ordering_fields = ["created_at", "updated_at"]
+
+    def get_queryset(self):
+        annotations = Annotation.objects.select_related("author", "slide")
+        if self.action == "list" and self.request.query_params.get("include_deleted") != "true":
+            annotations = annotations.filter(deleted=False)
+        return visible(annotations, self.request.user, "slide__case__cohort")
+
+    def _check_author(self, annotation: Annotation) -> None:
+        if annotation.author_id != self.request.user.pk and not is_admin(self.request.user):
+            raise PermissionDenied("Only the annotation's author (or an admin) can change it.")
+        if annotation.deleted:
+            raise Conflict("This annotation was deleted.")
+        expected = _expected_version(self.request)
+        if expected is not None and expected != annotation.version:
+            raise PreconditionFailed(
+                f"Annotation {annotation.pk} is at version {annotation.version}, not {expected}; "
+                "reload it and apply your change again."
+            )
+
+    def perform_create(self, serializer):
+        slide = serializer.validated_data["slide"]
+        require_role(self.request.user, slide.case.cohort_id, self.write_roles, "annotate")
+        with transaction.atomic():
+            annotation = serializer.save(author=self.request.user)
+            annotation.snapshot(self.request.user)
+
+    def perform_update(self, serializer):
+        self._check_author(serializer.instance)
+        with transaction.atomic():
+            annotation = serializer.save(version=serializer.instance.version + 1)
+            annotation.snapshot(self.request.user)
+
+    def perform_destroy(self, annotation):
+        self._check_author(annotation)
+        with transaction.atomic():
+            annotation.deleted = True
+            annotation.version += 1
+            annotation.save(update_fields=["deleted", "version", "updated_at"])
+            annotation.snapshot(self.request.user)
+
+    @extend_schema(responses=s.AnnotationVersionSerializer(many=True))
+    @action(detail=True, methods=["get"], pagination_class=None, filter_backends=[])
+    def history(self, request, pk=None):
+        """Every version of the annotation, oldest first."""
+        annotation = self.get_object()
+        versions = annotation.versions.select_related("edited_by")
+        return Response(s.AnnotationVersionSerializer(versions, many=True).data)
+
+    def _slide_from_query(self) -> Slide:
+        raw = self.request.query_params.get("slide", "")
+        if not raw.isdigit() or len(raw) > 18:
+            raise ValidationError({"slide": "give the slide id as ?slide=<id>"})
+        slides = visible(Slide.objects.select_related("case"), self.request.user, "case__cohort")
+        return get_object_or_404(slides, pk=int(raw))
+
+    @extend_schema(
+        parameters=[SLIDE_PARAM],
+        request={"application/json": s.FEATURE_COLLECTION_SCHEMA},
+        responses={201: s.ImportResultSerializer, 400: INVALID},
+    )
+    @action(detail=False, methods=["post"], url_path="import", filter_backends=[])
+    def import_geojson(self, request):
+        """Create one annotation per feature of a GeoJSON FeatureCollection (all or nothing)."""
+        slide = self._slide_from_query()
+        require_role(request.user, slide.case.cohort_id, self.write_roles, "annotate")
+        bounds = (slide.width, slide.height) if slide.width else None
+        try:
+            parsed = [
+                self._parse_feature(i, f, bounds)
+                for i, f in enumerate(geojson.features_of(request.data))
+            ]
+        except geojson.GeometryError as exc:
+            raise ValidationError({"detail": str(exc)}) from exc
+        with transaction.atomic():
+            created = [
+                Annotation.objects.create(slide=slide, author=request.user, **p) for p in parsed
+            ]
+            for annotation in created:
+                annotation.snapshot(request.user)
+            audit.record(
+                request.user,
+                "annotation.import",
+                slide,
+                case=slide.case,
+                request=request,
+                count=len(created),
+            )
+        return Response({"created": len(created), "ids": [a.pk for a in created]}, status=201)
+
+    @staticmethod
+    def _parse_feature(index: int, feature, bounds) -> dict:
+        try:
+            return geojson.parse_feature(feature, bounds)
+        except geojson.GeometryError as exc:
+            raise geojson.GeometryError(f"feature {index}: {exc}") from exc
+
+    @extend_schema(
+        parameters=[SLIDE_PARAM],
+        responses={
+            200: OpenApiResponse(response=s.FEATURE_COLLECTION_SCHEMA, description="GeoJSON")
+        },
+    )
+    @action(
+        detail=False, methods=["get"], url_path="export", filter_backends=[], pagination_class=None
+    )
+    def export_geojson(self, request):
+        """The slide's live annotations as a QuPath-readable GeoJSON FeatureCollection."""
+        slide = self._slide_from_query()
+        annotations = slide.annotations.filter(deleted=False).select_related("author")
+        audit.record(request.user, "annotation.export", slide, case=slide.case, request=request)
+        return Response(geojson.feature_collection(annotations))
+
+
+class DiagnosisViewSet(viewsets.ModelViewSet):
+    """Diagnoses: drafts are edited with optimistic locking, then signed; signed ones are amended."""
+
+    serializer_class = s.DiagnosisSerializer
+    permission_classes = [CohortRolePermission]
+    write_roles = (PATHOLOGIST,)
+    cohort_path = "case__cohort"
+    filter_params = {
+        "case": ("case_id", int),
+        "cohort": ("case__cohort_id", int),
+        "status": ("status", [c for c, _ in Diagnosis.STATUSES]),
+    }
+    ordering_fields = ["created_at", "signed_at", "version"]
+
+    def get_queryset(self):
+        diagnoses = Diagnosis.objects.select_related("case", "author", "signed_by")
+        return visible(diagnoses, self.request.user, "case__cohort")
+
+    def _respond(self, diagnosis: Diagnosis, code: int = 200) -> Response:
+        response = Response(self.get_serializer(diagnosis).data, status=code)
+        response["ETag"] = f'"{diagnosis.row_version}"'
+        return response
+
+    def retrieve(self, request, *args, **kwargs):
+        diagnosis = self.get_object()
+        if diagnosis.case.status == "signed":
+            audit.record(request.user, "diagnosis.view", diagnosis, request=request)
+        return self._respond(diagnosis)
+
+    def perform_create(self, serializer):
+        case = serializer.validated_data["case"]
+        require_role(self.request.user, case.cohort_id, self.write_roles, "write diagnoses")
+        existing = Diagnosis.objects.filter(case=case)
+        if existing.filter(status=Diagnosis.SIGNED).exists():
+            raise Conflict("This case is signed; amend its latest diagnosis instead.")
+        draft = existing.filter(status=Diagnosis.DRAFT).first()
+        if draft is not None:
+            raise Conflict(f"This case already has a draft diagnosis ({draft.pk}); edit that one.")
+        serializer.save(author=self.request.user, version=1, row_version=1)
+        Case.objects.filter(pk=case.pk).exclude(status="signed").update(status="in_review")
+
+    def create(self, request, *args, **kwargs):
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        self.perform_create(serializer)
+        return self._respond(serializer.instance, status.HTTP_201_CREATED)
+
+    def _check_draft_editable(self, diagnosis: Diagnosis) -> None:
+        if diagnosis.is_signed:
+            raise Conflict("A signed diagnosis cannot be changed; amend it with a reason.")
+        if diagnosis.author_id != self.request.user.pk and not is_admin(self.request.user):
+            raise PermissionDenied("Only the draft's author (or an admin) can change it.")
+
+    @extend_schema(
+        parameters=[OpenApiParameter("If-Match", str, OpenApiParameter.HEADER, required=False)],
+        responses={200: s.DiagnosisSerializer, 409: DETAIL, 412: DETAIL, 428: DETAIL},
+    )
+    def update(self, request, *args, **kwargs):
+        partial = kwargs.pop("partial", False)
+        with transaction.atomic():
+            diagnosis = self.get_object()
+            diagnosis = Diagnosis.objects.select_for_update().get(pk=diagnosis.pk)
+            self._check_draft_editable(diagnosis)
+            expected = _expected_version(request)
+            if expected is None:
+                raise PreconditionRequired()
+            if expected != diagnosis.row_version:
+                raise PreconditionFailed(
+                    f"Diagnosis {diagnosis.pk} is at row_version {diagnosis.row_version}, you sent "
+                    f"{expected}: someone changed it since you read it. Reload and apply again."
+                )
+            serializer = self.get_serializer(diagnosis, data=request.data, partial=partial)
+            serializer.is_valid(raise_exception=True)
+            serializer.validated_data.pop("row_version", None)
+            diagnosis = serializer.save(row_version=diagnosis.row_version + 1)
+        return self._respond(diagnosis)
+
+    @extend_schema(
+        parameters=[OpenApiParameter("If-Match", str, OpenApiParameter.HEADER, required=False)],
+        responses={200: s.DiagnosisSerializer, 409: DETAIL, 412: DETAIL, 428: DETAIL},
+    )
+    def partial_update(self, request, *args, **kwargs):
+        return self.update(request, *args, partial=True, **kwargs)
+
+    def perform_destroy(self, diagnosis):
+        self._check_draft_editable(diagnosis)
+        diagnosis.delete()
+
+    def _check_password(self, password: str) -> None:
+        if not self.request.user.check_password(password):
+            raise PermissionDenied("The password is not correct; signing needs your own password.")
+
+    @extend_schema(
+        request=s.SignSerializer,
+        responses={200: s.DiagnosisSerializer, 403: DETAIL, 409: DETAIL, 412: DETAIL},
+    )
+    @action(detail=True, methods=["post"])
+    def sign(self, request, pk=None):
+        """Sign a draft (re-enter your password). Signed diagnoses never change again."""
+        body = s.SignSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        with transaction.atomic():
+            diagnosis = self.get_object()
+            diagnosis = Diagnosis.objects.select_for_update().get(pk=diagnosis.pk)
+            require_role(request.user, diagnosis.case.cohort_id, self.write_roles, "sign diagnoses")
+            if diagnosis.is_signed:
+                raise Conflict("This diagnosis is already signed.")
+            self._check_password(body.validated_data["password"])
+            expected = _expected_version(request)
+            if expected is not None and expected != diagnosis.row_version:
+                raise PreconditionFailed(
+                    f"Diagnosis {diagnosis.pk} changed since you read it (row_version "
+                    f"{diagnosis.row_version}, not {expected}); review it before signing."
+                )
+            signing.sign(diagnosis, request.user, request=request)
+        return self._respond(diagnosis)
+
+    @extend_schema(
+        request=s.AmendSerializer,
+        responses={201: s.DiagnosisSerializer, 403: DETAIL, 409: DETAIL},
+    )
+    @action(detail=True, methods=["post"])
+    def amend(self, request, pk=None):
+        """Amend a signed diagnosis: a new signed version with your reason, linked to this one."""
+        body = s.AmendSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        with transaction.atomic():
+            previous = self.get_object()
+            require_role(request.user, previous.case.cohort_id, self.write_roles, "amend diagnoses")
+            if not previous.is_signed:
+                raise Conflict("Only a signed diagnosis can be amended; edit the draft instead.")
+            latest = Diagnosis.objects.filter(case=previous.case_id).aggregate(v=Max("version"))[
+                "v"
+            ]
+            if previous.version != latest:
+                raise Conflict(f"Version {previous.version} is superseded; amend version {latest}.")
+            self._check_password(body.validated_data.pop("password"))
+            reason = body.validated_data.pop("reason").strip()
+            if not reason:
+                raise ValidationError({"reason": "An amendment needs a reason."})
+            amendment = signing.amend(
+                previous, request.user, reason, body.validated_data, request=request
+            )
+        return self._respond(amendment, status.HTTP_201_CREATED)
+
+
+class SecondOpinionViewSet(
+    mixins.CreateModelMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.UpdateModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Second-opinion requests: opened by pathologists or automatically on AI disagreement."""
+
+    serializer_class = s.SecondOpinionSerializer
+    permission_classes = [CohortRolePermission]
+    write_roles = (PATHOLOGIST,)
+    cohort_path = "case__cohort"
+    filter_params = {
+        "case": ("case_id", int),
+        "status": ("status", [c for c, _ in SecondOpinionRequest.STATUSES]),
+        "assigned_to": ("assigned_to_id", int),
+    }
+    ordering_fields = ["created_at"]
+
+    def get_queryset(self):
+        opinions = SecondOpinionRequest.objects.select_related("case", "requested_by")
+        return visible(opinions, self.request.user, "case__cohort")
+
+    def perform_create(self, serializer):
+        case = serializer.validated_data["case"]
+        require_role(self.request.user, case.cohort_id, self.write_roles, "request second opinions")
+        opinion = serializer.save(requested_by=self.request.user)
+        audit.record(
+            self.request.user, "second_opinion.open", opinion, case=case, request=self.request
+        )
+
+    @extend_schema(request=None, responses=s.SecondOpinionSerializer)
+    @action(detail=True, methods=["post"])
+    def close(self, request, pk=None):
+        """Close the request (the second opinion was given)."""
+        opinion = self.get_object()
+        require_role(
+            request.user, opinion.case.cohort_id, self.write_roles, "close second opinions"
+        )
+        if opinion.status == SecondOpinionRequest.CLOSED:
+            raise Conflict("This request is already closed.")
+        opinion.status = SecondOpinionRequest.CLOSED
+        opinion.closed_at = timezone.now()
+        opinion.save(update_fields=["status", "closed_at"])
+        audit.record(request.user, "second_opinion.close", opinion, request=request)
+        return Response(self.get_serializer(opinion).data)
+
+
+PRIORITY_RANK = models.Case(
+    When(priority="frozen", then=Value(0)),
+    When(priority="urgent", then=Value(1)),
+    default=Value(2),
+    output_field=IntegerField(),
+)
+QUEUES = ["mine", "unsigned", "second-opinion"]
+
+
+@extend_schema_view(
+    list=extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "queue",
+                str,
+                enum=QUEUES,
+                description="mine: your drafts and second opinions assigned to you; unsigned: "
+                "cases not yet signed; second-opinion: cases with an open request.",
+            )
+        ]
+    )
+)
+class WorklistViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    """Cases to work on, most urgent first (frozen, urgent, routine; then oldest)."""
+
+    serializer_class = s.CaseSerializer
+    filter_params = {"cohort": ("cohort_id", int)}
+
+    def get_queryset(self):
+        user = self.request.user
+        queue = self.request.query_params.get("queue", "unsigned")
+        cases = visible(Case.objects.prefetch_related("slides"), user, "cohort")
+        if queue == "unsigned":
+            cases = cases.exclude(status="signed")
+        elif queue == "mine":
+            cases = cases.filter(
+                Q(diagnoses__author=user, diagnoses__status=Diagnosis.DRAFT)
+                | Q(second_opinions__assigned_to=user, second_opinions__status="open")
+            )
+        elif queue == "second-opinion":
+            cases = cases.filter(second_opinions__status=SecondOpinionRequest.OPEN)
+        else:
+            raise ValidationError({"queue": f"'{queue[:40]}' is not one of {', '.join(QUEUES)}"})
+        return cases.distinct().annotate(rank=PRIORITY_RANK).order_by("rank", "created_at", "id")
+
+
+class ApiTokenViewSet(
+    mixins.CreateModelMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Integration tokens (admins only). The raw token is shown once, in the create response."""
+
+    serializer_class = s.ApiTokenSerializer
+    permission_classes = [IsAdmin]
+    queryset = ApiToken.objects.select_related("user")
+    filter_params = {"user": ("user_id", int)}
+
+    @extend_schema(responses={201: s.ApiTokenCreatedSerializer})
+    def create(self, request, *args, **kwargs):
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        token, raw = ApiToken.issue(
+            serializer.validated_data["user"], serializer.validated_data.get("name", "")
+        )
+        audit.record(request.user, "token.create", token, request=request, user=token.user_id)
+        data = self.get_serializer(token).data
+        data["token"] = raw
+        return Response(data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses=s.ApiTokenSerializer)
+    @action(detail=True, methods=["post"])
+    def revoke(self, request, pk=None):
+        """Revoke the token; requests carrying it are refused from now on."""
+        token = self.get_object()
+        token.revoke()
+        audit.record(request.user, "token.revoke", token, request=request)
+        return Response(self.get_serializer(token).data)
+
+
+class AuditEventViewSet(viewsets.ReadOnlyModelViewSet):
+    """The audit trail (admins only, read-only)."""
+
+    serializer_class = s.AuditEventSerializer
+    permission_classes = [IsAdmin]
+    queryset = AuditEvent.objects.all()
+    filter_params = {
+        "case": ("case_id", int),
+        "actor": ("actor_id", int),
+        "action": ("action", str),
+        "object_type": ("object_type", str),
+    }
+    ordering_fields = ["created_at"]
+
+
+class LoginView(APIView):
+    """Session login for the browser: JSON ``{username, password}``; sets the session cookie."""
+
+    permission_classes = [AllowAny]
+    authentication_classes: list = []
+
+    @extend_schema(request=s.LoginSerializer, responses={200: s.MeSerializer, 400: INVALID})
+    def post(self, request):
+        body = s.LoginSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        user = authenticate(request, **body.validated_data)
+        if user is None:
+            raise ValidationError({"detail": "Invalid username or password."})
+        login(request, user)
+        get_token(request)  # a fresh CSRF cookie for the next unsafe request
+        audit.record(user, "auth.login", request=request)
+        return Response(s.MeSerializer(user).data)
+
+
+class LogoutView(APIView):
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(request=None, responses={204: None})
+    def post(self, request):
+        logout(request)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class MeView(APIView):
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(responses=s.MeSerializer)
+    def get(self, request):
+        return Response(s.MeSerializer(request.user).data)
