@@ -135,6 +135,15 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Low-magnification telepathology: cases, slides, AI analyses, reviews.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Several models have a `status` field with different choices: name each enum.
+    "ENUM_NAME_OVERRIDES": {
+        "CaseStatusEnum": "portal.cases.models.Case.STATUSES",
+        "SlideStatusEnum": "portal.cases.models.Slide.STATUSES",
+        "DiagnosisStatusEnum": "portal.reviews.models.Diagnosis.STATUSES",
+        "SecondOpinionStatusEnum": "portal.reviews.models.SecondOpinionRequest.STATUSES",
+        "WebhookDeliveryStatusEnum": "portal.integrations.models.WebhookDelivery.STATUSES",
+        "JobStateEnum": "portal.analyses.models.AnalysisJob.STATES",
+    },
 }
 
 if REDIS_URL:
