@@ -558,9 +558,10 @@ def test_viewer_pans_smoothly_with_5000_annotations(session, portal):
         f"(ms) with annotations {shown}, without {hidden}"
     )
     assert shown["frames"] >= 5 and hidden["frames"] >= 5
-    # Absolute frame times depend on the machine (software WebGL here); the annotations
-    # must not make panning much slower than panning the bare slide.
-    assert shown["median"] <= 2 * hidden["median"] + 25, (
+    # Absolute frame times depend on the machine (software WebGL, and other work on the
+    # same 2 cores); the annotations must not make panning much slower than panning the bare
+    # slide (drawing them as 5000 separate shapes cost ~400 ms a frame here).
+    assert shown["median"] <= max(4 * hidden["median"], hidden["median"] + 60), (
         f"panning is not smooth: {shown} vs {hidden}"
     )
     assert max(long_tasks, default=0) < 1500, f"loading blocked the page: {long_tasks}"
