@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "analysis.commands.slides",
     "analysis.commands.synth",
     "analysis.commands.export",
+    "analysis.commands.maga",
+    "analysis.commands.crossval",
     "analysis.commands.models",
     "analysis.commands.send",
 ]
