@@ -26,6 +26,7 @@ demo: setup frontend
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy analysis
 
 format: setup
 	$(BIN)/ruff format .

@@ -130,20 +130,32 @@ class HeatmapTiler:
         self.threshold = threshold
         lut = colormap_lut(256)
         self._rgba_lut = np.concatenate([lut, np.full((256, 1), alpha, np.uint8)], axis=1)
+        # Palette index per cell: 0 = transparent (no patch, or under the threshold),
+        # 1..255 = the colour ramp. Tiles are palette PNGs: a quarter of RGBA's bytes.
         n_rows, n_cols = self.raster.shape
-        # Index 0 of the flat lookup is a transparent sentinel for "no patch here".
-        flat = np.zeros((n_rows * n_cols + 1, 4), dtype=np.uint8)
         values = self.raster.reshape(-1)
         valid = np.isfinite(values) & (np.nan_to_num(values, nan=-1.0) >= threshold)
-        idx = np.clip(np.round(np.nan_to_num(values) * 255), 0, 255).astype(np.int64)
-        flat[1:][valid] = self._rgba_lut[idx[valid]]
-        self._cell_rgba = flat
+        index = 1 + np.clip(np.round(np.nan_to_num(values) * 254), 0, 254).astype(np.uint8)
+        flat = np.zeros(n_rows * n_cols + 1, dtype=np.uint8)  # [0] = outside the grid
+        flat[1:][valid] = index[valid]
+        self._cell_index = flat
+        ramp = colormap_lut(255)
+        self._palette = np.concatenate([np.zeros((1, 3), np.uint8), ramp]).reshape(-1).tobytes()
+        self._transparency = bytes([0] + [alpha] * 255)
+        self._palette_rgba = np.concatenate(
+            [
+                np.concatenate([np.zeros((1, 3), np.uint8), ramp]),
+                np.array([[0]] + [[alpha]] * 255, np.uint8),
+            ],
+            axis=1,
+        )
+        self._empty_png: dict[tuple[int, int], bytes] = {}
 
     def dzi(self) -> str:
         return self.geometry.dzi_xml("png")
 
-    def tile_rgba(self, dz_level: int, tile_cr: tuple[int, int]) -> np.ndarray:
-        """(H, W, 4) uint8 tile: each pixel coloured by the grid cell under its level-0 centre."""
+    def tile_index(self, dz_level: int, tile_cr: tuple[int, int]) -> np.ndarray:
+        """(H, W) uint8 palette indices: each pixel takes the grid cell under its level-0 centre."""
         z_x, z_y, z_w, z_h = self.geometry.tile_box(dz_level, tile_cr)
         scale = self.geometry.l0_per_z(dz_level)
         n_rows, n_cols = self.raster.shape
@@ -155,13 +167,26 @@ class HeatmapTiler:
         row_ok = (rows >= 0) & (rows < n_rows)
         flat_idx = rows[:, None] * n_cols + cols[None, :] + 1  # (H, W)
         flat_idx[~(row_ok[:, None] & col_ok[None, :])] = 0
-        return self._cell_rgba[flat_idx]
+        return self._cell_index[flat_idx]
+
+    def tile_rgba(self, dz_level: int, tile_cr: tuple[int, int]) -> np.ndarray:
+        """(H, W, 4) uint8 tile (what the PNG decodes to)."""
+        return self._palette_rgba[self.tile_index(dz_level, tile_cr)]
 
     def tile_png(self, dz_level: int, tile_cr: tuple[int, int]) -> bytes:
+        index = self.tile_index(dz_level, tile_cr)
+        if not index.any():  # fully transparent: one cached PNG per tile size
+            key = index.shape
+            if key not in self._empty_png:
+                self._empty_png[key] = self._encode(index)
+            return self._empty_png[key]
+        return self._encode(index)
+
+    def _encode(self, index: np.ndarray) -> bytes:
+        image = Image.fromarray(index, "P")
+        image.putpalette(self._palette)
         buffer = io.BytesIO()
-        Image.fromarray(self.tile_rgba(dz_level, tile_cr), "RGBA").save(
-            buffer, format="PNG", compress_level=1
-        )
+        image.save(buffer, format="PNG", compress_level=1, transparency=self._transparency)
         return buffer.getvalue()
 
 

@@ -89,6 +89,7 @@ def test_slide_dzi_matches_openslide_deepzoom_geometry(client, path_a, cmu_case)
     assert response.status_code == 200
     with OpenSlide(str(shared_slide("cmu-1-small-region.svs"))) as osr:
         expected = DeepZoomGenerator(osr, tile_size=254, overlap=1).get_dzi("jpeg")
+
     def attrs(xml: str) -> list:
         body = xml.split("?>", 1)[-1]  # without the XML declaration
         return sorted(re.findall(r'(\w+)="([^"]+)"', body))
@@ -205,3 +206,125 @@ def test_unreadable_slide_tile_fails_clearly_without_a_500(client, settings, tmp
     response = _login(client, user).get(f"/slides/{slide.pk}_files/0/0_0.jpeg")
     assert response.status_code == 502
     assert b"cannot be read" in response.content
+
+
+# --- the lean ASGI path that answers tile requests in production (portal/asgi.py) ---------
+
+
+def _asgi_get(path: str, cookie: str | None = None, etag: str | None = None):
+    from asgiref.sync import async_to_sync
+    from channels.testing import HttpCommunicator
+
+    from portal.asgi import application
+
+    headers = [(b"host", b"testserver")]
+    if cookie:
+        headers.append((b"cookie", f"sessionid={cookie}".encode()))
+    if etag:
+        headers.append((b"if-none-match", etag.encode()))
+    path, _, query = path.partition("?")
+    communicator = HttpCommunicator(application, "GET", path, headers=headers)
+    communicator.scope["query_string"] = query.encode()
+
+    async def run():
+        return await communicator.get_response(timeout=30)
+
+    response = async_to_sync(run)()
+    response["headers"] = dict(response["headers"])
+    return response
+
+
+def _session_of(user) -> str:
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return client.cookies["sessionid"].value
+
+
+@pytest.fixture
+def fast(cmu_case):
+    from portal.viewer import fastpath
+
+    fastpath.forget_sessions()
+    yield cmu_case
+    fastpath.forget_sessions()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_fast_path_serves_the_same_tile_as_the_django_view(client, path_a, fast):
+    slide = fast["slide"]
+    url = f"/slides/{slide.pk}_files/10/1_1.jpeg"
+    via_django = _login(client, path_a).get(url)
+    via_fast = _asgi_get(url, _session_of(path_a))
+    assert via_fast["status"] == 200
+    assert via_fast["body"] == via_django.content
+    assert via_fast["headers"][b"etag"].decode() == via_django["ETag"]
+    assert b"immutable" in via_fast["headers"][b"cache-control"]
+    again = _asgi_get(url, _session_of(path_a), etag=via_django["ETag"])
+    assert again["status"] == 304
+
+
+@pytest.mark.django_db(transaction=True)
+def test_fast_path_refuses_anonymous_forged_and_other_cohort_sessions(path_b, fast):
+    slide, prediction = fast["slide"], fast["prediction"]
+    for url in (
+        f"/slides/{slide.pk}_files/10/1_1.jpeg",
+        f"/slides/{slide.pk}/heatmap/{prediction.pk}_files/10/1_1.png",
+    ):
+        assert _asgi_get(url)["status"] == 404
+        assert _asgi_get(url, "forged-session-key")["status"] == 404
+        assert _asgi_get(url, _session_of(path_b))["status"] == 404
+
+
+@pytest.mark.django_db(transaction=True)
+def test_fast_path_drops_a_session_once_the_user_is_deactivated(path_a, fast):
+    from portal.viewer import fastpath
+
+    slide = fast["slide"]
+    session = _session_of(path_a)
+    url = f"/slides/{slide.pk}_files/10/0_0.jpeg"
+    assert _asgi_get(url, session)["status"] == 200
+    path_a.is_active = False
+    path_a.save()
+    fastpath.forget_sessions()  # what ACCESS_TTL_S seconds do by themselves
+    tiles.forget_access()
+    assert _asgi_get(url, session)["status"] == 404
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_prediction_of_another_slide_is_never_served_under_this_slide(
+    path_a, fast, settings, cohort_b
+):
+    """A heatmap cached for slide Y must not leak through /slides/X/heatmap/<Y's prediction>."""
+    from portal.analyses.models import AnalysisJob, Prediction
+
+    slide_x = fast["slide"]
+    case_y = make_case(cohort_b, "Y-1")
+    slide_y = case_y.slides.get()
+    slide_y.file, slide_y.width, slide_y.height = slide_x.file, slide_x.width, slide_x.height
+    slide_y.save()
+    job = AnalysisJob.objects.create(
+        slide=slide_y, model_version=fast["prediction"].model_version, idempotency_key="y"
+    )
+    foreign = Prediction.objects.create(
+        job=job,
+        slide=slide_y,
+        model_version=job.model_version,
+        probabilities={},
+        predicted_class="b",
+        confidence=0.5,
+        instance_scores=fast["prediction"].instance_scores,
+        grid=fast["prediction"].grid,
+    )
+    admin = make_user("root2", staff=True)
+    # the admin warms the cache for Y's overlay
+    assert (
+        _asgi_get(
+            f"/slides/{slide_y.pk}/heatmap/{foreign.pk}_files/10/0_0.png", _session_of(admin)
+        )["status"]
+        == 200
+    )
+    # path_a may see X, not Y: Y's prediction under X's URL is a 404
+    url = f"/slides/{slide_x.pk}/heatmap/{foreign.pk}_files/10/0_0.png"
+    assert _asgi_get(url, _session_of(path_a))["status"] == 404

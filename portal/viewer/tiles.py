@@ -84,7 +84,8 @@ class _OpenDeepZoom:
 
 _deepzoom = _LRU(32)  # open slides, per process
 _tile_bytes = _LRU(4096)  # encoded tiles (a few KB each)
-_tilers = _LRU(64)  # heatmap tilers by (prediction id, threshold)
+_tilers = _LRU(64)  # heatmap tilers by (slide id, prediction id, threshold)
+_heatmap_bytes = _LRU(4096)  # encoded heatmap tiles by (tiler object, level, col, row)
 _access = _LRU(4096)  # (user id, slide id) -> (SlideAccess, granted at)
 _open_lock = threading.Lock()
 
@@ -95,7 +96,7 @@ def visible_slides(user):
     slides = Slide.objects.select_related("case")
     if user.is_staff:
         return slides
-    return slides.filter(case__cohort__memberships__user=user).distinct()
+    return slides.filter(case__cohort__memberships__user_id=user.pk).distinct()
 
 
 def _lookup_access(user, slide_id: int) -> SlideAccess | None:
@@ -105,18 +106,42 @@ def _lookup_access(user, slide_id: int) -> SlideAccess | None:
     return SlideAccess(slide.pk, slide.path, slide.sha256, slide.width, slide.height)
 
 
-async def _slide_access(request, slide_id: int) -> SlideAccess:
-    user = await request.auser()
+def _authorize(request, slide_id: int) -> SlideAccess | None:
+    """Session -> user -> (user, slide) grant, all in one hop to the request's sync thread.
+
+    ``request.user`` is the same check as ``await request.auser()`` (session, user, session
+    hash), without a second thread hop for the user and a third for the grant.
+    """
+    user = request.user
     if not user.is_authenticated:
-        raise Http404("no such slide")
+        return None
+    return grant_for(user, slide_id)
+
+
+def grant_for(user, slide_id: int) -> SlideAccess | None:
+    """The (user, slide) check, reused for ``ACCESS_TTL_S`` seconds once granted."""
     key = (user.pk, slide_id)
     cached = _access.get(key)
     if cached and time.monotonic() - cached[1] < ACCESS_TTL_S:
         return cached[0]
-    access = await sync_to_async(_lookup_access)(user, slide_id)
+    access = _lookup_access(user, slide_id)
+    if access is not None:
+        _access.put(key, (access, time.monotonic()))
+    return access
+
+
+def cached_grant(user_pk: int, slide_id: int) -> SlideAccess | None:
+    """A still-fresh grant from the cache, or None (no database access)."""
+    cached = _access.get((user_pk, slide_id))
+    if cached and time.monotonic() - cached[1] < ACCESS_TTL_S:
+        return cached[0]
+    return None
+
+
+async def _slide_access(request, slide_id: int) -> SlideAccess:
+    access = await sync_to_async(_authorize)(request, slide_id)
     if access is None:
         raise Http404("no such slide")
-    _access.put(key, (access, time.monotonic()))
     return access
 
 
@@ -181,20 +206,30 @@ async def slide_dzi(request, slide_id: int):
     )
 
 
-async def slide_tile(request, slide_id: int, level: int, col: int, row: int):
-    start = time.perf_counter()
-    access = await _slide_access(request, slide_id)
+async def slide_tile_bytes(access: SlideAccess, level: int, col: int, row: int) -> bytes:
+    """JPEG bytes of one DeepZoom tile (cached). Raises Http404 or TileReadError."""
     key = (access.path, level, col, row)
     body = _tile_bytes.get(key)
     if body is None:
         loop = asyncio.get_running_loop()
-        try:
-            body = await loop.run_in_executor(_pool, _render_slide_tile, access, level, col, row)
-        except TileReadError as exc:
-            return HttpResponse(str(exc), status=502, content_type="text/plain")
+        body = await loop.run_in_executor(_pool, _render_slide_tile, access, level, col, row)
         _tile_bytes.put(key, body)
+    return body
+
+
+def slide_tile_etag(access: SlideAccess, level: int, col: int, row: int) -> str:
+    return _etag(access.sha256[:16], level, col, row)
+
+
+async def slide_tile(request, slide_id: int, level: int, col: int, row: int):
+    start = time.perf_counter()
+    access = await _slide_access(request, slide_id)
+    try:
+        body = await slide_tile_bytes(access, level, col, row)
+    except TileReadError as exc:
+        return HttpResponse(str(exc), status=502, content_type="text/plain")
     observe_tile(time.perf_counter() - start, "slide")
-    return _immutable(request, body, "image/jpeg", _etag(access.sha256[:16], level, col, row))
+    return _immutable(request, body, "image/jpeg", slide_tile_etag(access, level, col, row))
 
 
 def _load_tiler(access: SlideAccess, prediction_id: int, threshold: float) -> HeatmapTiler | None:
@@ -214,12 +249,22 @@ def _load_tiler(access: SlideAccess, prediction_id: int, threshold: float) -> He
     return HeatmapTiler(raster, float(grid["l0_patch_size"]), geometry, threshold=threshold)
 
 
-async def _tiler(request, access: SlideAccess, prediction_id: int) -> HeatmapTiler:
+def parse_threshold(raw: str | None) -> float:
     try:
-        threshold = round(float(request.GET.get("threshold", "0")), 2)
+        threshold = round(float(raw or "0"), 2)
     except ValueError as exc:
         raise Http404("threshold must be a number") from exc
-    key = (prediction_id, threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise Http404("threshold must lie in [0, 1]")
+    return threshold
+
+
+async def _tiler(request, access: SlideAccess, prediction_id: int) -> HeatmapTiler:
+    return await tiler_for(access, prediction_id, parse_threshold(request.GET.get("threshold")))
+
+
+async def tiler_for(access: SlideAccess, prediction_id: int, threshold: float) -> HeatmapTiler:
+    key = (access.slide_id, prediction_id, threshold)  # the prediction was checked for this slide
     tiler = _tilers.get(key)
     if tiler is None:
         tiler = await sync_to_async(_load_tiler)(access, prediction_id, threshold)
@@ -235,17 +280,30 @@ async def heatmap_dzi(request, slide_id: int, prediction_id: int):
     return _immutable(request, tiler.dzi().encode(), "application/xml", _etag(prediction_id))
 
 
+async def heatmap_tile_bytes(tiler: HeatmapTiler, level: int, col: int, row: int) -> bytes:
+    key = (tiler, level, col, row)  # a reloaded tiler starts afresh
+    body = _heatmap_bytes.get(key)
+    if body is None:
+        try:
+            body = await asyncio.get_running_loop().run_in_executor(
+                _pool, tiler.tile_png, level, (col, row)
+            )
+        except ValueError as exc:
+            raise Http404(str(exc)) from exc
+        _heatmap_bytes.put(key, body)
+    return body
+
+
+def heatmap_tile_etag(prediction_id: int, tiler: HeatmapTiler, level: int, col: int, row: int):
+    return _etag(prediction_id, tiler.threshold, level, col, row)
+
+
 async def heatmap_tile(request, slide_id: int, prediction_id: int, level: int, col: int, row: int):
     start = time.perf_counter()
     access = await _slide_access(request, slide_id)
     tiler = await _tiler(request, access, prediction_id)
-    try:
-        body = await asyncio.get_running_loop().run_in_executor(
-            _pool, tiler.tile_png, level, (col, row)
-        )
-    except ValueError as exc:
-        raise Http404(str(exc)) from exc
-    etag = _etag(prediction_id, tiler.threshold, level, col, row)
+    body = await heatmap_tile_bytes(tiler, level, col, row)
+    etag = heatmap_tile_etag(prediction_id, tiler, level, col, row)
     observe_tile(time.perf_counter() - start, "heatmap")
     return _immutable(request, body, "image/png", etag)
 

@@ -1,0 +1,187 @@
+"""A lean ASGI path for slide and heatmap tiles.
+
+A viewer asks for hundreds of tiles a minute; through Django's full middleware chain a cached
+tile costs ~3 ms of CPU, mostly thread hops. Tile GETs are answered here instead, with the same
+checks: the session cookie is resolved to a user exactly as Django does
+(``django.contrib.auth.get_user``: session expiry, the user's backend, active flag, session
+hash), then the same (user, slide) grant as ``tiles.py``. Both are reused for
+``tiles.ACCESS_TTL_S`` seconds, so a warm tile needs no database and no thread hop. Every
+other request (and any tile request this path cannot answer simply) goes to Django.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qs
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import Http404
+
+from portal.core.metrics import observe_tile
+from portal.viewer import tiles
+
+SLIDE_TILE = re.compile(r"^/slides/(\d+)_files/(\d+)/(\d+)_(\d+)\.jpeg$")
+HEATMAP_TILE = re.compile(r"^/slides/(\d+)/heatmap/(\d+)_files/(\d+)/(\d+)_(\d+)\.png$")
+SESSION_TTL_S = tiles.ACCESS_TTL_S
+
+_sessions = tiles._LRU(4096)  # session key -> ((user pk, is_staff) | None, resolved at)
+COMMON_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"vary", b"Cookie"),
+]
+
+
+class _UserRef:
+    """What ``tiles.visible_slides`` needs of a user."""
+
+    def __init__(self, pk: int, is_staff: bool):
+        self.pk = pk
+        self.is_staff = is_staff
+
+
+def _session_key(scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"cookie":
+            cookie = SimpleCookie()
+            try:
+                cookie.load(value.decode("latin-1"))
+            except Exception:  # noqa: BLE001 - a malformed cookie is no session
+                return None
+            morsel = cookie.get(settings.SESSION_COOKIE_NAME)
+            return morsel.value if morsel else None
+    return None
+
+
+def _resolve_session(session_key: str) -> tuple[int, bool] | None:
+    from importlib import import_module
+
+    from django.contrib.auth import get_user
+    from django.db import close_old_connections
+
+    close_old_connections()
+    store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+
+    class _Request:  # get_user() needs only request.session
+        session = store
+
+    user = get_user(_Request())
+    if not user.is_authenticated or not user.is_active:
+        return None
+    return (user.pk, bool(user.is_staff))
+
+
+def _grant(user: _UserRef, slide_id: int):
+    from django.db import close_old_connections
+
+    close_old_connections()
+    return tiles.grant_for(user, slide_id)
+
+
+async def _access_for(scope, slide_id: int):
+    session_key = _session_key(scope)
+    if not session_key:
+        return None
+    now = time.monotonic()
+    cached = _sessions.get(session_key)
+    if cached is None or now - cached[1] >= SESSION_TTL_S:
+        cached = (await sync_to_async(_resolve_session)(session_key), now)
+        _sessions.put(session_key, cached)
+    identity = cached[0]
+    if identity is None:
+        return None
+    access = tiles.cached_grant(identity[0], slide_id)
+    if access is None:
+        access = await sync_to_async(_grant)(_UserRef(*identity), slide_id)
+    return access
+
+
+def forget_sessions() -> None:
+    _sessions.clear()
+
+
+async def _respond(send, status: int, body: bytes, headers: list, head_only: bool) -> None:
+    headers = [*headers, *COMMON_HEADERS, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head_only else body})
+
+
+async def _not_found(send, head_only: bool) -> None:
+    await _respond(send, 404, b"Not Found", [(b"content-type", b"text/plain")], head_only)
+
+
+def _if_none_match(scope) -> bytes | None:
+    for name, value in scope.get("headers", []):
+        if name == b"if-none-match":
+            return value
+    return None
+
+
+async def _immutable(scope, send, body: bytes, content_type: bytes, etag: str) -> None:
+    head_only = scope["method"] == "HEAD"
+    headers = [
+        (b"etag", etag.encode()),
+        (b"cache-control", tiles.CACHE_CONTROL.encode()),
+    ]
+    if _if_none_match(scope) == etag.encode():
+        await send({"type": "http.response.start", "status": 304, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await _respond(send, 200, body, [(b"content-type", content_type), *headers], head_only)
+
+
+async def _slide_tile(scope, send, slide_id: int, level: int, col: int, row: int) -> None:
+    start = time.perf_counter()
+    head_only = scope["method"] == "HEAD"
+    access = await _access_for(scope, slide_id)
+    if access is None:
+        return await _not_found(send, head_only)
+    try:
+        body = await tiles.slide_tile_bytes(access, level, col, row)
+    except Http404:
+        return await _not_found(send, head_only)
+    except tiles.TileReadError as exc:
+        return await _respond(
+            send, 502, str(exc).encode(), [(b"content-type", b"text/plain")], head_only
+        )
+    observe_tile(time.perf_counter() - start, "slide")
+    etag = tiles.slide_tile_etag(access, level, col, row)
+    await _immutable(scope, send, body, b"image/jpeg", etag)
+
+
+async def _heatmap_tile(scope, send, ids: tuple[int, ...]) -> None:
+    start = time.perf_counter()
+    slide_id, prediction_id, level, col, row = ids
+    head_only = scope["method"] == "HEAD"
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    try:
+        threshold = tiles.parse_threshold((query.get("threshold") or ["0"])[-1])
+        access = await _access_for(scope, slide_id)
+        if access is None:
+            raise Http404("no such slide")
+        tiler = await tiles.tiler_for(access, prediction_id, threshold)
+        body = await tiles.heatmap_tile_bytes(tiler, level, col, row)
+    except Http404:
+        return await _not_found(send, head_only)
+    observe_tile(time.perf_counter() - start, "heatmap")
+    etag = tiles.heatmap_tile_etag(prediction_id, tiler, level, col, row)
+    await _immutable(scope, send, body, b"image/png", etag)
+
+
+class TileFastPath:
+    """ASGI middleware: answers tile GET/HEADs itself, passes everything else to ``app``."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            path = scope["path"]
+            if match := SLIDE_TILE.match(path):
+                return await _slide_tile(scope, send, *(int(g) for g in match.groups()))
+            if match := HEATMAP_TILE.match(path):
+                return await _heatmap_tile(scope, send, tuple(int(g) for g in match.groups()))
+        return await self.app(scope, receive, send)
