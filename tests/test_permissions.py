@@ -76,6 +76,8 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("slide", "retrieve"): Row(READ_IN_A),
     ("job", "list"): Row(LIST),
     ("job", "retrieve"): Row(READ_IN_A),
+    ("job", "cancel"): Row(expect(409, 409, 404, 409)),  # the world's job has finished
+    ("job", "retry"): Row(expect(409, 409, 404, 409)),
     ("prediction", "list"): Row(LIST),
     ("prediction", "retrieve"): Row(READ_IN_A),
     ("prediction", "scores"): Row(READ_IN_A),

@@ -215,6 +215,43 @@ class AnalysisJobViewSet(viewsets.ReadOnlyModelViewSet):
     def get_queryset(self):
         return visible(AnalysisJob.objects.all(), self.request.user, "slide__case__cohort")
 
+    def _job_for_change(self, request, doing: str) -> AnalysisJob:
+        job = self.get_object()
+        cohort_id = Slide.objects.filter(pk=job.slide_id).values_list("case__cohort_id", flat=True)
+        require_role(request.user, cohort_id.get(), (PATHOLOGIST, INTEGRATION), doing)
+        return job
+
+    @extend_schema(request=None, responses={200: s.AnalysisJobSerializer, 409: DETAIL})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        """Stop a queued or running analysis (a running one stops at its next progress step)."""
+        from portal.analyses.tasks import cancel_job
+
+        job = self._job_for_change(request, "cancel analyses")
+        if not cancel_job(job):
+            raise Conflict(
+                f"Job {job.pk} is {job.state}; only queued or running jobs can be cancelled."
+            )
+        audit.record(request.user, "job.cancel", job, case=job.slide.case, request=request)
+        job.refresh_from_db()
+        return Response(self.get_serializer(job).data)
+
+    @extend_schema(request=None, responses={202: s.AnalysisJobSerializer, 409: DETAIL})
+    @action(detail=True, methods=["post"])
+    def retry(self, request, pk=None):
+        """Queue a failed or cancelled analysis again (same slide, same model)."""
+        from portal.analyses.tasks import request_analysis
+
+        job = self._job_for_change(request, "retry analyses")
+        if job.state not in ("failed", "cancelled"):
+            raise Conflict(
+                f"Job {job.pk} is {job.state}; only failed or cancelled jobs are retried."
+            )
+        request_analysis(job.slide, job.model_version)
+        audit.record(request.user, "job.retry", job, case=job.slide.case, request=request)
+        job.refresh_from_db()
+        return Response(self.get_serializer(job).data, status=status.HTTP_202_ACCEPTED)
+
 
 class PredictionViewSet(viewsets.ReadOnlyModelViewSet):
     """Slide-level predictions; instance scores through ``scores``."""

@@ -1,0 +1,64 @@
+"""Cancelling and retrying analyses through the API."""
+
+from __future__ import annotations
+
+import pytest
+
+from portal.analyses.models import AnalysisJob
+from tests.portal_fixtures import make_prediction
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def queued_job(slide_a, model_version):
+    job = make_prediction(slide_a, model_version).job
+    job.prediction.delete()
+    AnalysisJob.objects.filter(pk=job.pk).update(state="queued")
+    job.refresh_from_db()
+    return job
+
+
+def test_a_pathologist_cancels_a_queued_job_and_it_is_audited(api_client_for, path_a, queued_job):
+    from portal.reviews.models import AuditEvent
+
+    response = api_client_for(path_a).post(f"/api/v1/jobs/{queued_job.pk}/cancel/")
+    assert response.status_code == 200, response.content
+    assert response.json()["state"] == "cancelled"
+    assert AuditEvent.objects.filter(action="job.cancel", object_id=str(queued_job.pk)).exists()
+
+
+def test_a_cancelled_job_cannot_be_cancelled_twice(api_client_for, path_a, queued_job):
+    client = api_client_for(path_a)
+    client.post(f"/api/v1/jobs/{queued_job.pk}/cancel/")
+    again = client.post(f"/api/v1/jobs/{queued_job.pk}/cancel/")
+    assert again.status_code == 409
+    assert "cancelled" in again.json()["detail"]
+
+
+def test_a_cancelled_job_is_queued_again_by_retry(api_client_for, path_a, queued_job):
+    client = api_client_for(path_a)
+    client.post(f"/api/v1/jobs/{queued_job.pk}/cancel/")
+    response = client.post(f"/api/v1/jobs/{queued_job.pk}/retry/")
+    assert response.status_code == 202
+    assert response.json()["state"] == "queued"
+
+
+def test_another_cohorts_pathologist_cannot_see_or_cancel_the_job(
+    api_client_for, path_b, queued_job
+):
+    response = api_client_for(path_b).post(f"/api/v1/jobs/{queued_job.pk}/cancel/")
+    assert response.status_code == 404
+    queued_job.refresh_from_db()
+    assert queued_job.state == "queued"
+
+
+def test_a_running_job_stops_at_its_next_progress_report(queued_job):
+    from portal.analyses.tasks import JobCancelled, _ProgressReporter, cancel_job
+
+    AnalysisJob.objects.filter(pk=queued_job.pk).update(state="running")
+    reporter = _ProgressReporter(queued_job)
+    reporter("features", 0.0)
+    assert cancel_job(queued_job)
+    with pytest.raises(JobCancelled):
+        reporter("features", 1.0)
