@@ -328,3 +328,27 @@ def test_a_prediction_of_another_slide_is_never_served_under_this_slide(
     # path_a may see X, not Y: Y's prediction under X's URL is a 404
     url = f"/slides/{slide_x.pk}/heatmap/{foreign.pk}_files/10/0_0.png"
     assert _asgi_get(url, _session_of(path_a))["status"] == 404
+
+
+def test_pretiled_slides_serve_tiles_from_their_folder(client, path_a, cmu_case):
+    slide = cmu_case["slide"]
+    from openslide import OpenSlide
+    from openslide.deepzoom import DeepZoomGenerator
+
+    with OpenSlide(str(slide.path)) as osr:
+        dz = DeepZoomGenerator(osr, tile_size=254, overlap=1)
+        total = sum(c * r for c, r in dz.level_tiles)
+    assert tiles.pretile(slide.path) == total
+    assert tiles.pretile(slide.path) == 0  # already there
+    on_disk = tiles.disk_tile_path(slide.path, 11, 1, 2)
+    on_disk.write_bytes(b"marker")  # the served bytes must come from the folder
+    response = _login(client, path_a).get(f"/slides/{slide.pk}_files/11/1_2.jpeg")
+    assert response.content == b"marker"
+
+
+def test_pretiling_stops_at_the_tile_budget_coarse_levels_first(cmu_case, tmp_path):
+    slide = cmu_case["slide"]
+    written = tiles.pretile(slide.path, max_tiles=20)
+    assert 0 < written <= 20
+    assert tiles.disk_tile_path(slide.path, 0, 0, 0).is_file()
+    assert not tiles.disk_tile_path(slide.path, 12, 0, 0).exists()

@@ -58,8 +58,10 @@ def on_upload_complete(upload: Upload) -> Slide:
         shutil.rmtree(slide_folder(slide), ignore_errors=True)
     _audit(upload, slide)
     if slide.status == "ready":
-        from portal.analyses.tasks import request_analysis
+        from portal.analyses.tasks import pretile_slide, request_analysis
+        from portal.core.dispatch import dispatch
 
+        dispatch(pretile_slide, slide.pk)  # tiles ready before the pathologist opens the case
         request_analysis(slide)  # queued after commit, with the cohort's active model
     return slide
 

@@ -175,9 +175,50 @@ def _immutable(request, body: bytes, content_type: str, etag: str) -> HttpRespon
     return response
 
 
+def disk_tile_path(slide_path: Path, level: int, col: int, row: int) -> Path:
+    """Where a pre-rendered tile lives: ``<slide folder>/dz/<level>/<col>_<row>.jpeg``."""
+    folder = slide_path if slide_path.is_dir() else slide_path.parent
+    return folder / "dz" / str(level) / f"{col}_{row}.jpeg"
+
+
+def pretile(slide_path: Path, max_tiles: int = 6000) -> int:
+    """Render the coarsest DeepZoom levels (all of them for a 5x slide) into the disk cache.
+
+    Levels are written coarse to fine until ``max_tiles``; a viewer opening the case then
+    never waits for a render. Returns the number of tiles written.
+    """
+    opened = _OpenDeepZoom(slide_path)
+    written = 0
+    try:
+        for level in range(opened.dz.level_count):
+            n_cols, n_rows = opened.dz.level_tiles[level]
+            if written + n_cols * n_rows > max_tiles:
+                break
+            for row in range(n_rows):
+                for col in range(n_cols):
+                    target = disk_tile_path(slide_path, level, col, row)
+                    if target.exists():
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    buffer = io.BytesIO()
+                    opened.dz.get_tile(level, (col, row)).convert("RGB").save(
+                        buffer, format="JPEG", quality=JPEG_QUALITY
+                    )
+                    partial = target.with_suffix(".part")
+                    partial.write_bytes(buffer.getvalue())
+                    partial.replace(target)
+                    written += 1
+    finally:
+        opened.close()
+    return written
+
+
 def _render_slide_tile(access: SlideAccess, level: int, col: int, row: int) -> bytes:
     import openslide
 
+    cached = disk_tile_path(access.path, level, col, row)
+    if cached.is_file():
+        return cached.read_bytes()
     opened = _deepzoom_for(access)
     if not 0 <= level < opened.dz.level_count:
         raise Http404("no such level")

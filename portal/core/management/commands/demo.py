@@ -90,6 +90,7 @@ class Command(BaseCommand):
         from portal.analyses.tasks import request_analysis
         from portal.cases.models import Case, Slide
         from portal.uploads.ingest import ingest_slide, sha256_of
+        from portal.viewer.tiles import pretile
 
         scans = Path(settings.DATA_DIR) / "demo-scans"
         scans.mkdir(parents=True, exist_ok=True)
@@ -130,6 +131,7 @@ class Command(BaseCommand):
             slide.size_bytes = exported.bytes
             slide.save()
             ingest_slide(slide)
+            pretile(slide.path)
             job = request_analysis(slide)  # runs at once: the task mode is "sync"
             if job is not None:
                 job = AnalysisJob.objects.get(pk=job.pk)
