@@ -31,6 +31,21 @@ class DemoModelConfig:
     seed: int = 7
 
 
+CLASS_NAMES = {"0": "normal", "1": "lesion"}
+
+
+def _named_labels(cohort_dir: Path) -> Path:
+    """labels.csv with class names a pathologist reads (``normal``/``lesion``, not 0/1)."""
+    target = cohort_dir / "labels-named.csv"
+    with open(cohort_dir / "labels.csv", newline="") as src, open(target, "w", newline="") as dst:
+        reader = csv.DictReader(src)
+        writer = csv.DictWriter(dst, fieldnames=["patient_id", "slide_id", "label"])
+        writer.writeheader()
+        for row in reader:
+            writer.writerow({**row, "label": CLASS_NAMES.get(row["label"], row["label"])})
+    return target
+
+
 def _slide_paths(cohort_dir: Path) -> list[tuple[str, Path]]:
     with open(cohort_dir / "labels.csv", newline="") as handle:
         return [
@@ -91,7 +106,7 @@ def train_demo_bundle(work_dir: Path, cfg: DemoModelConfig | None = None, log: L
     log("training GLTrans on the 5x embeddings ...")
     bundle = build_bundle_from_features(
         features_dir,
-        cohort_dir / "labels.csv",
+        _named_labels(cohort_dir),
         bundle_dir,
         name="lowmag-demo",
         version="1",

@@ -62,3 +62,17 @@ def test_a_running_job_stops_at_its_next_progress_report(queued_job):
     assert cancel_job(queued_job)
     with pytest.raises(JobCancelled):
         reporter("features", 1.0)
+
+
+def test_the_same_file_in_two_cases_is_analysed_for_each(slide_a, model_version, cohort_a):
+    from portal.analyses.tasks import request_analysis
+    from tests.portal_fixtures import make_case
+
+    twin = make_case(cohort_a, "TWIN-1").slides.get()
+    twin.sha256 = slide_a.sha256
+    twin.save()
+    first = request_analysis(slide_a, model_version)
+    second = request_analysis(twin, model_version)
+    assert first.pk != second.pk
+    assert second.slide_id == twin.pk
+    assert request_analysis(twin, model_version).pk == second.pk  # idempotent per slide

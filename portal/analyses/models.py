@@ -41,7 +41,9 @@ class AnalysisJob(models.Model):
 
     slide = models.ForeignKey("cases.Slide", on_delete=models.CASCADE, related_name="jobs")
     model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="jobs")
-    # slide sha256 + model sha256: a retried job finds its earlier self instead of duplicating.
+    # slide record + slide sha256 + model sha256: a retried or re-delivered job finds its
+    # earlier self instead of duplicating. The slide record is part of it: the same file
+    # uploaded to two cases is two slides, each analysed (and each with its own prediction).
     idempotency_key = models.CharField(max_length=160, unique=True)
     state = models.CharField(max_length=10, choices=STATES, default="queued")
     stage = models.CharField(max_length=50, blank=True)
@@ -60,8 +62,8 @@ class AnalysisJob(models.Model):
         return f"job {self.pk} ({self.state})"
 
     @staticmethod
-    def key_for(slide_sha256: str, model_sha256: str) -> str:
-        return f"{slide_sha256}:{model_sha256}"
+    def key_for(slide_sha256: str, model_sha256: str, slide_id: int | None = None) -> str:
+        return f"{slide_sha256}:{model_sha256}" + (f":{slide_id}" if slide_id else "")
 
 
 class Prediction(models.Model):

@@ -71,10 +71,13 @@ def request_analysis(slide, model_version: ModelVersion | None = None) -> Analys
     model_version = model_version or slide.case.cohort.active_model
     if model_version is None or slide.status != "ready":
         return None
-    key = AnalysisJob.key_for(slide.sha256, model_version.sha256)
-    job, created = AnalysisJob.objects.get_or_create(
-        idempotency_key=key, defaults={"slide": slide, "model_version": model_version}
-    )
+    key = AnalysisJob.key_for(slide.sha256, model_version.sha256, slide.pk)
+    try:
+        job, created = AnalysisJob.objects.get_or_create(
+            slide=slide, model_version=model_version, defaults={"idempotency_key": key}
+        )
+    except IntegrityError:  # a concurrent request created it first
+        job, created = AnalysisJob.objects.get(idempotency_key=key), False
     if not created and job.state in ("failed", "cancelled"):
         job.state, job.error, job.progress, job.stage = "queued", "", 0.0, ""
         job.save(update_fields=["state", "error", "progress", "stage"])
