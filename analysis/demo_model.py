@@ -23,9 +23,10 @@ Log = Callable[[str], None]
 class DemoModelConfig:
     n_patients: int = 16  # one slide each; half of them carry lesions
     slide_size: int = 4096  # 20x pixels per side of each training slide (2 mm of tissue)
-    maga_slides: int = 6  # slides whose cells make the MAGA pair cache
+    maga_slides: int = 8  # slides whose cells make the MAGA pair cache
     maga_pairs_per_slide: int = 96
-    maga_epochs: int = 3
+    maga_epochs: int = 4
+    maga_lr: float = 1e-3  # with a few hundred pairs 1e-4 barely moves (benchmarks/README.md)
     mil_epochs: int = 25
     magnification: float = 5.0
     seed: int = 7
@@ -89,7 +90,9 @@ def train_demo_bundle(work_dir: Path, cfg: DemoModelConfig | None = None, log: L
         max_patches_per_slide=cfg.maga_pairs_per_slide,
         seed=cfg.seed,
     )
-    maga = train_maga(cache, work_dir / "maga", MagaConfig(epochs=cfg.maga_epochs, seed=cfg.seed))
+    maga = train_maga(
+        cache, work_dir / "maga", MagaConfig(epochs=cfg.maga_epochs, lr=cfg.maga_lr, seed=cfg.seed)
+    )
     log(f"  alignment on held-out pairs: {maga.alignment}")
     encoder = build_encoder("resnet50_trunc", weights=maga.student_path, precision="auto")
     features_dir = work_dir / "features-5x"
