@@ -76,3 +76,15 @@ def test_the_same_file_in_two_cases_is_analysed_for_each(slide_a, model_version,
     assert first.pk != second.pk
     assert second.slide_id == twin.pk
     assert request_analysis(twin, model_version).pk == second.pk  # idempotent per slide
+
+
+def test_a_slide_is_analysed_with_the_model_activated_after_its_cohort_was_loaded(
+    slide_a, model_version
+):
+    from portal.analyses.tasks import request_analysis
+    from portal.cases.models import Cohort
+
+    cohort = slide_a.case.cohort  # loaded before the model is activated
+    Cohort.objects.filter(pk=cohort.pk).update(active_model=model_version)
+    job = request_analysis(slide_a)
+    assert job is not None and job.model_version == model_version

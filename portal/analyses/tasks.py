@@ -68,7 +68,10 @@ def _configure_torch_threads() -> None:
 
 def request_analysis(slide, model_version: ModelVersion | None = None) -> AnalysisJob | None:
     """Create (or find) the job for this slide and model, and queue it when it needs running."""
-    model_version = model_version or slide.case.cohort.active_model
+    if model_version is None:  # read afresh: the cohort object in hand may predate activation
+        model_version = ModelVersion.objects.filter(
+            active_in_cohorts__pk=slide.case.cohort_id
+        ).first()
     if model_version is None or slide.status != "ready":
         return None
     key = AnalysisJob.key_for(slide.sha256, model_version.sha256, slide.pk)

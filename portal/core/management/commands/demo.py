@@ -86,8 +86,6 @@ class Command(BaseCommand):
     def _cases(self, cohort, slide_size: int) -> None:
         from analysis.export import export_lowmag
         from analysis.synth import write_synthetic_slide
-        from portal.analyses.models import AnalysisJob
-        from portal.analyses.tasks import request_analysis
         from portal.cases.models import Case, Slide
         from portal.uploads.ingest import ingest_slide, sha256_of
         from portal.viewer.tiles import pretile
@@ -104,7 +102,9 @@ class Command(BaseCommand):
                     "clinical_question": "Lesion present? (synthetic demo case)",
                 },
             )
-            if case.slides.filter(status="ready").exists():
+            ready = case.slides.filter(status="ready").first()
+            if ready is not None:
+                self._analyse(accession, ready)  # a no-op once its prediction exists
                 continue
             source = scans / f"{accession}-20x.svs"
             if not source.exists():
@@ -132,11 +132,19 @@ class Command(BaseCommand):
             slide.save()
             ingest_slide(slide)
             pretile(slide.path)
-            job = request_analysis(slide)  # runs at once: the task mode is "sync"
-            if job is not None:
-                job = AnalysisJob.objects.get(pk=job.pk)
-                total = job.timings.get("total", 0)
-                self.stdout.write(f"{accession}: analysis {job.state} in {total:.1f} s {job.error}")
+            self._analyse(accession, slide)
+
+    def _analyse(self, accession: str, slide) -> None:
+        from portal.analyses.models import AnalysisJob
+        from portal.analyses.tasks import request_analysis
+
+        job = request_analysis(slide)  # runs at once: the task mode is "sync"
+        if job is None:
+            self.stdout.write(f"{accession}: not analysed (no active model for the cohort)")
+            return
+        job = AnalysisJob.objects.get(pk=job.pk)
+        total = job.timings.get("total", 0)
+        self.stdout.write(f"{accession}: analysis {job.state} ({total:.1f} s) {job.error}")
 
     def _serve(self, port: int) -> None:
         daphne = shutil.which("daphne", path=str(Path(sys.executable).parent)) or "daphne"
