@@ -37,15 +37,18 @@ class Command(BaseCommand):
         parser.add_argument("--no-serve", action="store_true", help="prepare, then exit")
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--slide-size", type=int, default=8000, help="20x pixels per side")
+        parser.add_argument(
+            "--small", action="store_true", help="a tiny model and cohort (checks, not a demo)"
+        )
 
-    def handle(self, *args, no_serve: bool, port: int, slide_size: int, **options):
+    def handle(self, *args, no_serve: bool, port: int, slide_size: int, small: bool, **options):
         start = time.perf_counter()
         settings.LOWMAG_TASK_MODE = "sync"  # analyse here, before serving
         call_command("migrate", verbosity=0)
         self._users()
         cohort = self._cohort()
-        model = self._model(cohort)
-        self._cases(cohort, slide_size)
+        model = self._model(cohort, small)
+        self._cases(cohort, 2048 if small else slide_size)
         elapsed = time.perf_counter() - start
         self.stdout.write(self.style.SUCCESS(f"demo ready in {elapsed:.0f} s"))
         self.stdout.write(f"  model: {model} (demo model, not for diagnosis)")
@@ -75,11 +78,23 @@ class Command(BaseCommand):
         )
         return cohort
 
-    def _model(self, cohort):
-        from analysis.demo_model import train_demo_bundle
+    def _model(self, cohort, small: bool):
+        from analysis.demo_model import DemoModelConfig, train_demo_bundle
         from portal.analyses.models import ModelVersion
 
-        bundle = train_demo_bundle(Path(settings.DATA_DIR) / "demo-model", log=self.stdout.write)
+        cfg = DemoModelConfig()
+        if small:
+            cfg = DemoModelConfig(
+                n_patients=4,
+                slide_size=1536,
+                maga_slides=2,
+                maga_pairs_per_slide=16,
+                maga_epochs=1,
+                mil_epochs=2,
+            )
+        bundle = train_demo_bundle(
+            Path(settings.DATA_DIR) / "demo-model", cfg, log=self.stdout.write
+        )
         call_command("register_model", str(bundle), "--activate", "--cohort", cohort.name)
         return ModelVersion.objects.get(active_in_cohorts=cohort)
 
