@@ -26,6 +26,25 @@ _COLORMAP_STOPS = [  # a perceptually ordered blue -> yellow -> red ramp
 ]
 
 
+CATEGORY_COLOURS = np.array(  # distinguishable colours for cluster maps (cluster 0 first)
+    [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+        (0, 0, 128),
+        (128, 128, 0),
+    ],
+    dtype=np.uint8,
+)
+
+
 def colormap_lut(n: int = 256) -> np.ndarray:
     """(n, 3) uint8 colour ramp used for score overlays and the viewer's legend."""
     xs = np.linspace(0.0, 1.0, n)
@@ -123,23 +142,31 @@ class HeatmapTiler:
         geometry: DeepZoomGeometry,
         alpha: int = 160,
         threshold: float = 0.0,
+        categorical: bool = False,
     ):
         self.raster = np.asarray(raster, dtype=np.float32)  # (R, C), NaN = no patch
         self.l0_patch_size = float(l0_patch_size)
         self.geometry = geometry
         self.threshold = threshold
+        self.categorical = categorical
         lut = colormap_lut(256)
         self._rgba_lut = np.concatenate([lut, np.full((256, 1), alpha, np.uint8)], axis=1)
         # Palette index per cell: 0 = transparent (no patch, or under the threshold),
         # 1..255 = the colour ramp. Tiles are palette PNGs: a quarter of RGBA's bytes.
         n_rows, n_cols = self.raster.shape
         values = self.raster.reshape(-1)
-        valid = np.isfinite(values) & (np.nan_to_num(values, nan=-1.0) >= threshold)
-        index = 1 + np.clip(np.round(np.nan_to_num(values) * 254), 0, 254).astype(np.uint8)
+        if categorical:  # the raster holds category ids (cluster 0, 1, ...), not scores
+            valid = np.isfinite(values)
+            index = 1 + np.clip(np.nan_to_num(values), 0, 254).astype(np.uint8)
+            ramp = np.zeros((255, 3), np.uint8)
+            ramp[: len(CATEGORY_COLOURS)] = CATEGORY_COLOURS
+        else:
+            valid = np.isfinite(values) & (np.nan_to_num(values, nan=-1.0) >= threshold)
+            index = 1 + np.clip(np.round(np.nan_to_num(values) * 254), 0, 254).astype(np.uint8)
+            ramp = colormap_lut(255)
         flat = np.zeros(n_rows * n_cols + 1, dtype=np.uint8)  # [0] = outside the grid
         flat[1:][valid] = index[valid]
         self._cell_index = flat
-        ramp = colormap_lut(255)
         self._palette = np.concatenate([np.zeros((1, 3), np.uint8), ramp]).reshape(-1).tobytes()
         self._transparency = bytes([0] + [alpha] * 255)
         self._palette_rgba = np.concatenate(

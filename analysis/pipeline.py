@@ -20,7 +20,7 @@ from analysis.bundle import LoadedBundle
 
 ProgressCallback = Callable[[str, float], None]  # (stage, fraction of that stage done)
 
-STAGES = ("open", "tissue", "features", "mil")
+STAGES = ("open", "tissue", "features", "mil", "clusters")
 
 
 @dataclass
@@ -36,6 +36,8 @@ class SlidePrediction:
     magnification: float = 5.0
     slide_mpp: float = 0.0
     bundle: dict[str, Any] = field(default_factory=dict)  # name, version, sha256, is_demo
+    # (N,) uint8 k-means cluster of each patch embedding: a research layer for the viewer
+    clusters: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
 
     @property
     def n_patches(self) -> int:
@@ -63,6 +65,7 @@ class SlidePrediction:
             out["grid"]["grid_rc"] = np.asarray(self.grid.grid_rc).tolist()
             out["grid"]["l0_xy"] = np.asarray(self.grid.l0_xy).tolist()
             out["instance_scores"] = [round(float(s), 5) for s in self.instance_scores]
+            out["clusters"] = [int(c) for c in self.clusters]
         return out
 
 
@@ -108,6 +111,28 @@ def encode_grid(
         if on_batch:
             on_batch(done)
     return np.concatenate(chunks, axis=0)
+
+
+def cluster_instances(
+    features: np.ndarray, k: int = 8, seed: int = 0, max_dims: int = 32
+) -> np.ndarray:
+    """(N,) uint8 k-means cluster ids of the patch embeddings (PCA-reduced first; deterministic)."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    n = len(features)
+    k = max(1, min(k, n))
+    if n <= k:
+        return np.arange(n, dtype=np.uint8)
+    reduced = PCA(
+        n_components=min(max_dims, n, features.shape[1]), random_state=seed
+    ).fit_transform(np.asarray(features, dtype=np.float32))  # (N, <= max_dims)
+    labels = KMeans(n_clusters=k, n_init=1, random_state=seed).fit_predict(reduced)
+    # Number clusters by size (0 = largest), so colours do not shuffle between runs.
+    order = np.argsort(-np.bincount(labels, minlength=k), kind="stable")
+    rank = np.empty(k, dtype=np.int64)
+    rank[order] = np.arange(k)
+    return rank[labels].astype(np.uint8)
 
 
 def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,6 +191,8 @@ def predict_slide(
             )
         with clock.stage("mil"):
             probabilities, raw_scores = run_mil(bundle.mil, features, grid.grid_rc)
+        with clock.stage("clusters"):
+            clusters = cluster_instances(features)
         slide_mpp = float(slide.mpp)
     best = int(np.argmax(probabilities))
     classes = list(manifest.classes)
@@ -177,6 +204,7 @@ def predict_slide(
         confidence=float(probabilities[best]),
         instance_scores=normalise_scores(raw_scores),
         grid=grid,
+        clusters=clusters,
         timings=clock.finish(),
         magnification=magnification,
         slide_mpp=slide_mpp,

@@ -91,7 +91,7 @@ def test_progress_reports_every_stage(loaded):
         loaded, shared_slide("cmu-1-small-region.svs"), progress=lambda s, f: seen.append((s, f))
     )
     stages = list(dict.fromkeys(s for s, f in seen if f == 1.0))
-    assert stages == ["open", "tissue", "features", "mil"]
+    assert stages == ["open", "tissue", "features", "mil", "clusters"]
 
 
 def test_predict_on_a_slide_without_tissue_says_so(loaded):
@@ -127,3 +127,22 @@ def test_cli_predict_on_small_svs_says_no_tissue_and_fails(tiny_bundle):
     assert "tissue" in out.stderr.lower()
     assert "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_patch_clusters_are_one_per_cell_deterministic_and_numbered_by_size(loaded):
+    slide = shared_slide("cmu-1-small-region.svs")
+    first = predict_slide(loaded, slide)
+    second = predict_slide(loaded, slide)
+    assert first.clusters.shape == first.instance_scores.shape
+    assert np.array_equal(first.clusters, second.clusters)
+    sizes = np.bincount(first.clusters)
+    assert len(sizes) > 1 and np.all(np.diff(sizes) <= 0)  # cluster 0 is the largest
+
+
+def test_clusters_separate_two_kinds_of_embedding():
+    from analysis.pipeline import cluster_instances
+
+    rng = np.random.default_rng(0)
+    features = np.concatenate([rng.normal(0, 1, (30, 64)), rng.normal(8, 1, (10, 64))])
+    clusters = cluster_instances(features.astype(np.float32), k=2)
+    assert set(clusters[:30]) == {0} and set(clusters[30:]) == {1}

@@ -352,3 +352,29 @@ def test_pretiling_stops_at_the_tile_budget_coarse_levels_first(cmu_case, tmp_pa
     assert 0 < written <= 20
     assert tiles.disk_tile_path(slide.path, 0, 0, 0).is_file()
     assert not tiles.disk_tile_path(slide.path, 12, 0, 0).exists()
+
+
+def test_cluster_layer_colours_each_cell_by_its_cluster(client, path_a, cmu_case):
+    from analysis.heatmap import CATEGORY_COLOURS, DeepZoomGeometry
+
+    slide, prediction, grid = cmu_case["slide"], cmu_case["prediction"], cmu_case["grid"]
+    client = _login(client, path_a)
+    base = f"/slides/{slide.pk}/heatmap/{prediction.pk}"
+    geometry = DeepZoomGeometry(slide.width, slide.height)
+    level = geometry.level_count - 1
+    assert client.get(f"{base}_files/{level}/0_0.png?layer=clusters").status_code == 404  # none
+    ids = (np.arange(len(grid.grid_rc)) % 3).astype(np.uint8)
+    prediction.clusters = ids.tobytes()
+    prediction.save()
+    tiles._tilers.clear()
+    index = len(grid.grid_rc) // 2
+    l0_x, l0_y = grid.l0_xy[index] + grid.l0_patch_size / 2
+    col, row = int(l0_x // 254), int(l0_y // 254)
+    t_x, t_y, _, _ = geometry.tile_box(level, (col, row))
+    response = client.get(f"{base}_files/{level}/{col}_{row}.png?layer=clusters&threshold=0.9")
+    assert response.status_code == 200
+    pixel = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGBA"))[
+        int(l0_y) - t_y, int(l0_x) - t_x
+    ]
+    assert tuple(pixel[:3]) == tuple(CATEGORY_COLOURS[ids[index]])  # thresholds do not apply
+    assert client.get(f"{base}_files/{level}/0_0.png?layer=bogus").status_code == 404

@@ -79,6 +79,13 @@ function wireHeatmap(viewer, slide, legend) {
     controls.classList.toggle('off', !toggle.checked);
   };
   toggle.addEventListener('change', show);
+  const which = el('heatmap-layer');
+  which.addEventListener('change', () => {
+    layer.setLayer(which.value);
+    const clusters = which.value === 'clusters';
+    threshold.disabled = clusters; // categories are not thresholded
+    document.querySelector('.heatmap-controls .legend').hidden = clusters;
+  });
   opacity.addEventListener('input', () => {
     layer.setOpacity(Number(opacity.value));
     el('heatmap-opacity-value').textContent = `${Math.round(opacity.value * 100)}%`;

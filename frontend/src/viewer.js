@@ -96,13 +96,14 @@ export class HeatmapLayer {
     this.visible = false;
     this.opacity = 0.6;
     this.threshold = 0;
+    this.layer = 'score';
     this.pending = null;
   }
 
   _load() {
-    const request = { threshold: this.threshold };
+    const request = { threshold: this.threshold, layer: this.layer };
     this.pending = request;
-    const url = `${this.dziUrl}?threshold=${this.threshold.toFixed(2)}`;
+    const url = `${this.dziUrl}?threshold=${this.threshold.toFixed(2)}&layer=${this.layer}`;
     this.viewer.addTiledImage({
       tileSource: url,
       index: 1,
@@ -135,6 +136,13 @@ export class HeatmapLayer {
   setThreshold(threshold) {
     if (Math.abs(threshold - this.threshold) < 1e-6) return;
     this.threshold = threshold;
+    if (this.item || this.pending) this._load();
+  }
+
+  // 'score' (the AI patch score) or 'clusters' (k-means clusters of the patch embeddings)
+  setLayer(layer) {
+    if (layer === this.layer) return;
+    this.layer = layer;
     if (this.item || this.pending) this._load();
   }
 }

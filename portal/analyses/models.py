@@ -78,6 +78,8 @@ class Prediction(models.Model):
     # float16 little-endian, one value per grid cell in grid order (see ``grid``).
     instance_scores = models.BinaryField(default=b"")
     grid = models.JSONField(default=dict)  # n_rows, n_cols, l0_patch_size, grid_rc
+    # uint8 k-means cluster id per grid cell (a research layer); empty for older predictions
+    clusters = models.BinaryField(default=b"", blank=True)
     code_version = models.CharField(max_length=100, blank=True)
     input_sha256 = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -96,6 +98,10 @@ class Prediction(models.Model):
     def scores(self) -> np.ndarray:
         """Instance scores as float32, shape (N,) in grid order."""
         return np.frombuffer(bytes(self.instance_scores), dtype="<f2").astype(np.float32)
+
+    def cluster_ids(self) -> np.ndarray:
+        """(N,) uint8 cluster of each grid cell, or an empty array."""
+        return np.frombuffer(bytes(self.clusters), dtype=np.uint8)
 
     @staticmethod
     def pack_scores(scores: np.ndarray) -> bytes:

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 
+import numpy as np
 from celery import shared_task
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -129,6 +130,7 @@ def _store_prediction(job: AnalysisJob, result) -> Prediction:
                     "predicted_class": result.predicted_class,
                     "confidence": result.confidence,
                     "instance_scores": Prediction.pack_scores(result.instance_scores),
+                    "clusters": np.asarray(result.clusters, dtype=np.uint8).tobytes(),
                     "grid": {
                         "n_rows": int(grid.n_rows),
                         "n_cols": int(grid.n_cols),

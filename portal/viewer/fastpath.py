@@ -159,10 +159,11 @@ async def _heatmap_tile(scope, send, ids: tuple[int, ...]) -> None:
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     try:
         threshold = tiles.parse_threshold((query.get("threshold") or ["0"])[-1])
+        layer = tiles.parse_layer((query.get("layer") or ["score"])[-1])
         access = await _access_for(scope, slide_id)
         if access is None:
             raise Http404("no such slide")
-        tiler = await tiles.tiler_for(access, prediction_id, threshold)
+        tiler = await tiles.tiler_for(access, prediction_id, threshold, layer)
         body = await tiles.heatmap_tile_bytes(tiler, level, col, row)
     except Http404:
         return await _not_found(send, head_only)

@@ -273,21 +273,33 @@ async def slide_tile(request, slide_id: int, level: int, col: int, row: int):
     return _immutable(request, body, "image/jpeg", slide_tile_etag(access, level, col, row))
 
 
-def _load_tiler(access: SlideAccess, prediction_id: int, threshold: float) -> HeatmapTiler | None:
+LAYERS = ("score", "clusters")  # the AI score; k-means clusters of the patch embeddings
+
+
+def _load_tiler(
+    access: SlideAccess, prediction_id: int, threshold: float, layer: str = "score"
+) -> HeatmapTiler | None:
     from portal.analyses.models import Prediction
 
     prediction = Prediction.objects.filter(pk=prediction_id, slide_id=access.slide_id).first()
-    if prediction is None:
+    if prediction is None or "grid_rc" not in prediction.grid:
         return None
+    values = prediction.scores() if layer == "score" else prediction.cluster_ids()
+    grid_rc = np.asarray(prediction.grid["grid_rc"], dtype=np.int64).reshape(-1, 2)
+    if len(values) != len(grid_rc):
+        return None  # e.g. a prediction made before cluster maps existed
     grid = prediction.grid
     raster = score_raster(
-        np.asarray(grid["grid_rc"], dtype=np.int64).reshape(-1, 2),
-        prediction.scores(),
-        int(grid["n_rows"]),
-        int(grid["n_cols"]),
+        grid_rc, values.astype(np.float32), int(grid["n_rows"]), int(grid["n_cols"])
     )
     geometry = DeepZoomGeometry(access.width, access.height, TILE_SIZE, OVERLAP)
-    return HeatmapTiler(raster, float(grid["l0_patch_size"]), geometry, threshold=threshold)
+    return HeatmapTiler(
+        raster,
+        float(grid["l0_patch_size"]),
+        geometry,
+        threshold=threshold,
+        categorical=layer == "clusters",
+    )
 
 
 def parse_threshold(raw: str | None) -> float:
@@ -300,15 +312,31 @@ def parse_threshold(raw: str | None) -> float:
     return threshold
 
 
+def parse_layer(raw: str | None) -> str:
+    layer = raw or "score"
+    if layer not in LAYERS:
+        raise Http404(f"layer must be one of {', '.join(LAYERS)}")
+    return layer
+
+
 async def _tiler(request, access: SlideAccess, prediction_id: int) -> HeatmapTiler:
-    return await tiler_for(access, prediction_id, parse_threshold(request.GET.get("threshold")))
+    return await tiler_for(
+        access,
+        prediction_id,
+        parse_threshold(request.GET.get("threshold")),
+        parse_layer(request.GET.get("layer")),
+    )
 
 
-async def tiler_for(access: SlideAccess, prediction_id: int, threshold: float) -> HeatmapTiler:
-    key = (access.slide_id, prediction_id, threshold)  # the prediction was checked for this slide
+async def tiler_for(
+    access: SlideAccess, prediction_id: int, threshold: float, layer: str = "score"
+) -> HeatmapTiler:
+    if layer == "clusters":
+        threshold = 0.0  # categories are never thresholded
+    key = (access.slide_id, prediction_id, threshold, layer)  # checked for this slide
     tiler = _tilers.get(key)
     if tiler is None:
-        tiler = await sync_to_async(_load_tiler)(access, prediction_id, threshold)
+        tiler = await sync_to_async(_load_tiler)(access, prediction_id, threshold, layer)
         if tiler is None:
             raise Http404("no such prediction")
         _tilers.put(key, tiler)
@@ -336,7 +364,8 @@ async def heatmap_tile_bytes(tiler: HeatmapTiler, level: int, col: int, row: int
 
 
 def heatmap_tile_etag(prediction_id: int, tiler: HeatmapTiler, level: int, col: int, row: int):
-    return _etag(prediction_id, tiler.threshold, level, col, row)
+    kind = "c" if tiler.categorical else "s"
+    return _etag(prediction_id, kind, tiler.threshold, level, col, row)
 
 
 async def heatmap_tile(request, slide_id: int, prediction_id: int, level: int, col: int, row: int):
