@@ -378,3 +378,26 @@ def test_cluster_layer_colours_each_cell_by_its_cluster(client, path_a, cmu_case
     ]
     assert tuple(pixel[:3]) == tuple(CATEGORY_COLOURS[ids[index]])  # thresholds do not apply
     assert client.get(f"{base}_files/{level}/0_0.png?layer=bogus").status_code == 404
+
+
+@pytest.mark.django_db(transaction=True)
+def test_fast_path_stops_serving_at_once_after_logout(client, path_a, fast):
+    slide = fast["slide"]
+    client.force_login(path_a)
+    session = client.cookies["sessionid"].value
+    url = f"/slides/{slide.pk}_files/10/0_0.jpeg"
+    assert _asgi_get(url, session)["status"] == 200
+    client.post("/api/v1/auth/logout")
+    assert _asgi_get(url, session)["status"] == 404
+
+
+@pytest.mark.django_db(transaction=True)
+def test_fast_path_stops_serving_at_once_when_membership_is_removed(path_a, fast):
+    from portal.cases.models import Membership
+
+    slide = fast["slide"]
+    session = _session_of(path_a)
+    url = f"/slides/{slide.pk}_files/10/0_0.jpeg"
+    assert _asgi_get(url, session)["status"] == 200
+    Membership.objects.filter(user=path_a).delete()
+    assert _asgi_get(url, session)["status"] == 404

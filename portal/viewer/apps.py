@@ -4,3 +4,26 @@ from django.apps import AppConfig
 class ViewerConfig(AppConfig):
     name = "portal.viewer"
     label = "viewer"
+
+    def ready(self) -> None:
+        """Tile grants are cached per process for seconds; drop them at once when they change."""
+        from django.contrib.auth.signals import user_logged_out
+        from django.db.models.signals import post_delete, post_save
+
+        from portal.cases.models import Membership
+
+        user_logged_out.connect(_forget_logged_out_session, dispatch_uid="tiles-logout")
+        for signal in (post_save, post_delete):
+            signal.connect(_forget_grants, sender=Membership, dispatch_uid=f"tiles-{signal}")
+
+
+def _forget_logged_out_session(sender, request, user, **kwargs) -> None:
+    from portal.viewer.fastpath import forget_session
+
+    forget_session(getattr(getattr(request, "session", None), "session_key", None))
+
+
+def _forget_grants(sender, **kwargs) -> None:
+    from portal.viewer.tiles import forget_access
+
+    forget_access()

@@ -103,6 +103,11 @@ def forget_sessions() -> None:
     _sessions.clear()
 
 
+def forget_session(session_key: str | None) -> None:
+    if session_key:
+        _sessions.discard(session_key)
+
+
 async def _respond(send, status: int, body: bytes, headers: list, head_only: bool) -> None:
     headers = [*headers, *COMMON_HEADERS, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})

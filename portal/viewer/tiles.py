@@ -60,6 +60,10 @@ class _LRU:
         with self._lock:
             self._items.clear()
 
+    def discard(self, key) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
 
 @dataclass(frozen=True)
 class SlideAccess:
