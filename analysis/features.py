@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +49,12 @@ def extract_features(
     batch_size: int = 64,
     workers: int = 2,
     slide_mpp: float | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Features:
     """Encode every grid cell read at ``mag``; a reader thread keeps the encoder fed.
 
-    ``slide_mpp`` supplies the level-0 scale for slides that carry none (as ``open_slide``).
+    ``slide_mpp`` supplies the level-0 scale for slides that carry none (as ``open_slide``);
+    ``on_batch(n_done)`` reports progress after each encoded batch.
     """
     n = len(grid.l0_xy)
     features = np.zeros((n, encoder.dim), np.float32)
@@ -61,8 +63,12 @@ def extract_features(
             grid.l0_xy, mag, batch_size=batch_size, patch_um=grid.patch_um, workers=workers
         )
         with contextlib.closing(_prefetch(batches, depth=2)) as prefetched:
+            done = 0
             for indices, patches in prefetched:
                 features[indices] = encoder.embed(patches)  # (B, D)
+                done += len(indices)
+                if on_batch:
+                    on_batch(done)
     return Features(
         features=features,
         coords=np.asarray(grid.l0_xy, np.int64),

@@ -1,8 +1,9 @@
 """Slide -> prediction: tissue, grid, read + encode, MIL, instance scores, stage timings.
 
 The portal's analysis task calls ``predict_slide`` and stores what it returns; the
-``lowmag predict`` command prints it. Reading and encoding overlap: reader threads fill
-batches while the main thread encodes the previous one.
+``lowmag predict`` command prints it. Reading and encoding overlap
+(``analysis.features.extract_features``): a reader thread fills batches while the main thread
+encodes the previous one.
 """
 
 from __future__ import annotations
@@ -90,29 +91,6 @@ class _StageClock:
         return self.timings
 
 
-def encode_grid(
-    slide: Any,
-    l0_xy: np.ndarray,
-    encoder: Any,
-    magnification: float,
-    *,
-    batch_size: int = 64,
-    workers: int = 2,
-    on_batch: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    """(N, D) float32 embeddings of the grid cells, read at ``magnification``."""
-    chunks: list[np.ndarray] = []
-    done = 0
-    for _, patches in slide.iter_patch_batches(
-        l0_xy, magnification, batch_size=batch_size, workers=workers
-    ):
-        chunks.append(np.asarray(encoder.embed(patches), dtype=np.float32))
-        done += len(patches)
-        if on_batch:
-            on_batch(done)
-    return np.concatenate(chunks, axis=0)
-
-
 def cluster_instances(
     features: np.ndarray, k: int = 8, seed: int = 0, max_dims: int = 32
 ) -> np.ndarray:
@@ -158,6 +136,7 @@ def predict_slide(
     progress: ProgressCallback | None = None,
 ) -> SlidePrediction:
     """Analyse one slide with a loaded bundle. Raises ``AnalysisError`` subclasses on bad input."""
+    from analysis.features import extract_features
     from analysis.heatmap import normalise_scores
     from analysis.slides import open_slide
     from analysis.tissue import patch_grid
@@ -180,15 +159,16 @@ def predict_slide(
                 progress("features", done / n_cells)
 
         with clock.stage("features"):
-            features = encode_grid(
-                slide,
-                grid.l0_xy,
+            features = extract_features(
+                slide_path,
+                grid,
                 bundle.encoder,
                 magnification,
                 batch_size=batch_size,
                 workers=workers,
+                slide_mpp=mpp,
                 on_batch=on_batch,
-            )
+            ).features  # (N, D)
         with clock.stage("mil"):
             probabilities, raw_scores = run_mil(bundle.mil, features, grid.grid_rc)
         with clock.stage("clusters"):

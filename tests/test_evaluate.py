@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
 from analysis.cli import main as lowmag
-from analysis.commands.crossval import grid_rc_from_l0_xy, load_bags
+from analysis.commands.crossval import load_bags
 from analysis.evaluate import (
     auc_score,
     bootstrap_auc_ci,
@@ -24,6 +24,7 @@ from analysis.evaluate import (
     paired_bootstrap_test,
     read_predictions,
 )
+from analysis.features import grid_rc_from_coords
 from analysis.train import Bag, TrainConfig
 
 
@@ -219,7 +220,7 @@ def test_loader_derives_the_grid_from_coords_and_patch_spacing(tmp_path):
 
 def test_grid_from_coords_falls_back_to_the_smallest_coordinate_step():
     l0_xy = np.array([[0, 0], [512, 0], [1024, 512], [256, 1536]])
-    assert grid_rc_from_l0_xy(l0_xy).tolist() == [[0, 0], [0, 2], [2, 4], [6, 1]]
+    assert grid_rc_from_coords(l0_xy).tolist() == [[0, 0], [0, 2], [2, 4], [6, 1]]
 
 
 def test_cli_names_a_missing_feature_file_in_one_line(tmp_path, capsys):

@@ -162,41 +162,13 @@ def _class_sort_key(name: str) -> tuple[int, float | str]:
 
 
 def read_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, D) float32, grid_rc (N, 2) int64) from one slide's HDF5 file."""
-    import h5py
+    """(features (N, D) float32, grid_rc (N, 2) int64) from one slide's HDF5 file (ours or CLAM's)."""
+    from analysis.features import load_h5
 
-    try:
-        with h5py.File(path, "r") as h5:
-            features = np.asarray(h5["features"], dtype=np.float32)
-            if "grid_rc" in h5:
-                grid_rc = np.asarray(h5["grid_rc"], dtype=np.int64)
-            else:
-                coords = np.asarray(h5["coords"], dtype=np.float64)
-                grid_rc = grid_rc_from_l0_xy(coords, h5.attrs.get("l0_patch_size"))
-    except (OSError, KeyError) as exc:
+    features = load_h5(path)
+    if features.features.ndim != 2 or features.grid_rc.shape != (len(features.features), 2):
         raise AnalysisError(
-            f"cannot read features from {path} ({exc}); it needs datasets 'features' and "
-            "'coords' (or 'grid_rc'): re-extract the slide's features"
-        ) from exc
-    if features.ndim != 2 or grid_rc.shape != (features.shape[0], 2):
-        raise AnalysisError(
-            f"{path}: features {features.shape} and grid {grid_rc.shape} do not match; "
-            "expected (N, D) and (N, 2): re-extract the slide's features"
+            f"{path}: features {features.features.shape} and grid {features.grid_rc.shape} do not "
+            "match; expected (N, D) and (N, 2): re-extract the slide's features"
         )
-    return features, grid_rc
-
-
-def grid_rc_from_l0_xy(l0_xy: np.ndarray, l0_patch_size: float | None = None) -> np.ndarray:
-    """Grid (row, col) from level-0 (x, y) patch corners and the patch spacing."""
-    if l0_xy.ndim != 2 or l0_xy.shape[1] != 2:
-        raise ValueError(f"coords must be (N, 2) level-0 (x, y), got {l0_xy.shape}")
-    spacing = float(l0_patch_size) if l0_patch_size else _min_step(l0_xy)
-    shifted = l0_xy - l0_xy.min(axis=0)
-    col_row = np.rint(shifted / spacing).astype(np.int64)  # (N, 2) as (col, row)
-    return col_row[:, ::-1].copy()
-
-
-def _min_step(l0_xy: np.ndarray) -> float:
-    steps = np.concatenate([np.diff(np.unique(l0_xy[:, axis])) for axis in (0, 1)])
-    steps = steps[steps > 0]
-    return float(steps.min()) if len(steps) else 1.0
+    return features.features, features.grid_rc

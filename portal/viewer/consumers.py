@@ -5,15 +5,14 @@ from __future__ import annotations
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from portal.api.permissions import visible
+
 
 @database_sync_to_async
 def _job_visible(user, job_id: int) -> dict | None:
     from portal.analyses.models import AnalysisJob
 
-    jobs = AnalysisJob.objects.all()
-    if not user.is_staff:
-        jobs = jobs.filter(slide__case__cohort__memberships__user=user)
-    job = jobs.filter(pk=job_id).first()
+    job = visible(AnalysisJob.objects.all(), user, "slide__case__cohort").filter(pk=job_id).first()
     if job is None:
         return None
     return {"job": job.pk, "state": job.state, "stage": job.stage, "progress": job.progress}
@@ -23,10 +22,7 @@ def _job_visible(user, job_id: int) -> dict | None:
 def _cohort_ids(user) -> list[int]:
     from portal.cases.models import Cohort
 
-    cohorts = Cohort.objects.all()
-    if not user.is_staff:
-        cohorts = cohorts.filter(memberships__user=user)
-    return list(cohorts.values_list("pk", flat=True).distinct())
+    return list(visible(Cohort.objects.all(), user, "pk").values_list("pk", flat=True))
 
 
 class JobProgressConsumer(AsyncJsonWebsocketConsumer):

@@ -27,20 +27,12 @@ SLIDE_TILE = re.compile(r"^/slides/(\d+)_files/(\d+)/(\d+)_(\d+)\.jpeg$")
 HEATMAP_TILE = re.compile(r"^/slides/(\d+)/heatmap/(\d+)_files/(\d+)/(\d+)_(\d+)\.png$")
 SESSION_TTL_S = tiles.ACCESS_TTL_S
 
-_sessions = tiles._LRU(4096)  # session key -> ((user pk, is_staff) | None, resolved at)
+_sessions = tiles._LRU(4096)  # session key -> (user | None, resolved at)
 COMMON_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"same-origin"),
     (b"vary", b"Cookie"),
 ]
-
-
-class _UserRef:
-    """What ``tiles.visible_slides`` needs of a user."""
-
-    def __init__(self, pk: int, is_staff: bool):
-        self.pk = pk
-        self.is_staff = is_staff
 
 
 def _session_key(scope) -> str | None:
@@ -56,7 +48,7 @@ def _session_key(scope) -> str | None:
     return None
 
 
-def _resolve_session(session_key: str) -> tuple[int, bool] | None:
+def _resolve_session(session_key: str):
     from importlib import import_module
 
     from django.contrib.auth import get_user
@@ -71,10 +63,10 @@ def _resolve_session(session_key: str) -> tuple[int, bool] | None:
     user = get_user(_Request())
     if not user.is_authenticated or not user.is_active:
         return None
-    return (user.pk, bool(user.is_staff))
+    return user
 
 
-def _grant(user: _UserRef, slide_id: int):
+def _grant(user, slide_id: int):
     from django.db import close_old_connections
 
     close_old_connections()
@@ -90,12 +82,12 @@ async def _access_for(scope, slide_id: int):
     if cached is None or now - cached[1] >= SESSION_TTL_S:
         cached = (await sync_to_async(_resolve_session)(session_key), now)
         _sessions.put(session_key, cached)
-    identity = cached[0]
-    if identity is None:
+    user = cached[0]
+    if user is None:
         return None
-    access = tiles.cached_grant(identity[0], slide_id)
+    access = tiles.cached_grant(user.pk, slide_id)
     if access is None:
-        access = await sync_to_async(_grant)(_UserRef(*identity), slide_id)
+        access = await sync_to_async(_grant)(user, slide_id)
     return access
 
 

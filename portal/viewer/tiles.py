@@ -95,12 +95,10 @@ _open_lock = threading.Lock()
 
 
 def visible_slides(user):
+    from portal.api.permissions import visible
     from portal.cases.models import Slide
 
-    slides = Slide.objects.select_related("case")
-    if user.is_staff:
-        return slides
-    return slides.filter(case__cohort__memberships__user_id=user.pk).distinct()
+    return visible(Slide.objects.select_related("case"), user, "case__cohort")
 
 
 def _lookup_access(user, slide_id: int) -> SlideAccess | None:
@@ -124,13 +122,11 @@ def _authorize(request, slide_id: int) -> SlideAccess | None:
 
 def grant_for(user, slide_id: int) -> SlideAccess | None:
     """The (user, slide) check, reused for ``ACCESS_TTL_S`` seconds once granted."""
-    key = (user.pk, slide_id)
-    cached = _access.get(key)
-    if cached and time.monotonic() - cached[1] < ACCESS_TTL_S:
-        return cached[0]
-    access = _lookup_access(user, slide_id)
-    if access is not None:
-        _access.put(key, (access, time.monotonic()))
+    access = cached_grant(user.pk, slide_id)
+    if access is None:  # looked up afresh: the grant's age counts from here, never refreshed
+        access = _lookup_access(user, slide_id)
+        if access is not None:
+            _access.put((user.pk, slide_id), (access, time.monotonic()))
     return access
 
 
