@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except AnalysisError as exc:
         print(f"lowmag {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`lowmag info X | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except FileNotFoundError as exc:
         print(f"lowmag {args.command}: error: file not found: {exc.filename}", file=sys.stderr)
         return 2
