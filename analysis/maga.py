@@ -413,7 +413,9 @@ def _targets_key(teacher: nn.Module, cache: PairCache, config: MagaConfig) -> st
     for name, tensor in teacher.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(json.dumps([str(cache.root.resolve()), len(cache), cache.low.shape[1]]).encode())
+    digest.update(json.dumps([len(cache), cache.low.shape[1]]).encode())
+    for i in range(0, len(cache), 1024):  # the patches themselves, not where they are stored
+        digest.update(np.ascontiguousarray(cache.high[i : i + 1024]).tobytes())
     digest.update(config.precision.encode())
     return digest.hexdigest()
 

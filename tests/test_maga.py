@@ -182,3 +182,22 @@ def test_maga_aligns_a_second_encoder_family(cmu_pairs, tmp_path):
     assert result.alignment["aligned"] < result.alignment["unaligned"]
     student = build_encoder("vit_tiny", weights=result.student_path, device="cpu")
     assert student.embed(np.asarray(cmu_pairs.low[:2])).shape == (2, 192)
+
+
+def test_a_second_run_on_other_patches_never_reuses_the_first_runs_teacher_targets(tmp_path):
+    """Same output folder, same pair count, other cells: the teacher must see the new patches."""
+    from analysis.encoders import build_model, calibrate_batchnorm, imagenet_normalize, save_weights
+
+    slide = shared_slide(CMU)
+    first = build_pair_cache([slide], tmp_path / "pairs", max_patches_per_slide=12, seed=1)
+    teacher = build_model("resnet50_trunc")
+    calibrate_batchnorm(teacher, [imagenet_normalize(np.asarray(first.high))])
+    weights = save_weights(teacher, tmp_path / "teacher.safetensors")
+    config = _quick_config(epochs=1, batch_size=6, max_steps_per_epoch=1, holdout_fraction=0)
+    train_maga(first, tmp_path / "run", config, teacher_weights=weights)
+
+    second = build_pair_cache([slide], tmp_path / "pairs", max_patches_per_slide=12, seed=2)
+    assert len(second) == len(first) and not np.array_equal(second.l0_xy, first.l0_xy)
+    reused = train_maga(second, tmp_path / "run", config, teacher_weights=weights)
+    fresh = train_maga(second, tmp_path / "fresh", config, teacher_weights=weights)
+    assert reused.history[0]["loss"] == pytest.approx(fresh.history[0]["loss"], rel=1e-5)
