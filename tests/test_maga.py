@@ -201,3 +201,51 @@ def test_a_second_run_on_other_patches_never_reuses_the_first_runs_teacher_targe
     reused = train_maga(second, tmp_path / "run", config, teacher_weights=weights)
     fresh = train_maga(second, tmp_path / "fresh", config, teacher_weights=weights)
     assert reused.history[0]["loss"] == pytest.approx(fresh.history[0]["loss"], rel=1e-5)
+
+
+def test_slide_pairs_derive_the_5x_patch_from_the_20x_read():
+    from analysis.maga import SlidePairs
+    from analysis.slides import open_slide
+
+    pairs = SlidePairs([shared_slide(CMU)], low_mag=5, pairs_per_slide=6, seed=3)
+    assert len(pairs) == 6 and pairs.low_size == 64
+    i, high, low = pairs[4]
+    assert i == 4 and high.shape == (256, 256, 3) and low.shape == (64, 64, 3)
+    boxes = high.reshape(64, 4, 64, 4, 3).astype(float).mean(axis=(1, 3))
+    assert np.abs(boxes - low).max() <= 0.5 + 1e-9
+    with open_slide(shared_slide(CMU)) as slide:
+        read_at_5x = slide.read_patch(tuple(pairs.l0_xy[4]), 5).astype(float)
+    assert np.abs(read_at_5x - low).mean() < 6.0  # the same tissue as a direct 5x read
+
+
+def test_streaming_trainer_reads_slides_in_workers_writes_no_pair_data_and_resumes(tmp_path):
+    from analysis.maga import SlidePairs
+
+    pairs = SlidePairs([shared_slide(CMU)], low_mag=5, pairs_per_slide=16, seed=0)
+    lines: list[str] = []
+    config = _quick_config(
+        epochs=1,
+        batch_size=4,
+        max_steps_per_epoch=2,
+        workers=2,
+        target_memory_mb=0,
+        holdout_fraction=0,
+        log_every_s=0,
+    )
+    first = train_maga(pairs, tmp_path, config, log=lines.append)
+    assert first.history[0]["pairs"] == 8 and first.history[0]["pairs_per_s"] > 0
+    assert any("pairs/s, epoch ETA" in line for line in lines)
+    resumed = train_maga(
+        pairs, tmp_path, _quick_config(**{**config.__dict__, "epochs": 2}), resume=True
+    )
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == [
+        "checkpoints/epoch002.optim.pt",
+        "checkpoints/epoch002.safetensors",
+        "checkpoints/state.json",
+        "maga.json",
+        "student.safetensors",
+        "teacher.safetensors",
+    ]
+    assert json.loads((tmp_path / "maga.json").read_text())["pair_source"]["kind"] == "slides"

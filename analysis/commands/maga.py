@@ -23,11 +23,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--teacher", type=Path, help="teacher weights (.pth/.safetensors)")
     train.add_argument("--encoder", default="resnet50_trunc")
     train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--patches-per-slide", type=int, default=512)
+    train.add_argument(
+        "--pairs-per-slide",
+        "--patches-per-slide",
+        dest="pairs_per_slide",
+        type=int,
+        default=512,
+        help="tissue cells sampled per slide (seeded)",
+    )
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=1e-4)
     train.add_argument("--max-steps", type=int, help="cap on steps per epoch")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    train.add_argument("--workers", type=int, default=2, help="pair-reading worker processes")
+    train.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto")
+    train.add_argument(
+        "--pair-cache",
+        action="store_true",
+        help="cache both reads of every pair under OUT/pairs (~200 KB per 5x pair) instead of "
+        "reading the slides while training",
+    )
     train.add_argument("--threads", type=int, help="torch CPU threads")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("-o", "--out", required=True, type=Path, help="output folder")
@@ -62,20 +78,40 @@ def find_slides(folder: Path) -> list[Path]:
 def train_maga_command(args: argparse.Namespace) -> int:
     import torch
 
-    from analysis.maga import MagaConfig, build_pair_cache, train_maga
+    from analysis.encoders import default_device
+    from analysis.maga import (
+        MagaConfig,
+        PairSource,
+        SlidePairs,
+        build_pair_cache,
+        init_distributed,
+        train_maga,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
     slides = find_slides(args.slides)
-    cache = build_pair_cache(
-        slides,
-        args.out / "pairs",
-        low_mag=args.mag,
-        high_mag=args.high_mag,
-        max_patches_per_slide=args.patches_per_slide,
-        seed=args.seed,
-        log=_log,
-    )
+    device = init_distributed() or args.device or default_device()
+    pairs: PairSource
+    if args.pair_cache:
+        pairs = build_pair_cache(
+            slides,
+            args.out / "pairs",
+            low_mag=args.mag,
+            high_mag=args.high_mag,
+            max_patches_per_slide=args.pairs_per_slide,
+            seed=args.seed,
+            log=_log,
+        )
+    else:
+        pairs = SlidePairs(
+            slides,
+            low_mag=args.mag,
+            high_mag=args.high_mag,
+            pairs_per_slide=args.pairs_per_slide,
+            seed=args.seed,
+            log=_log,
+        )
     config = MagaConfig(
         encoder=args.encoder,
         epochs=args.epochs,
@@ -83,8 +119,11 @@ def train_maga_command(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         max_steps_per_epoch=args.max_steps,
+        device=device,
+        workers=args.workers,
+        precision=args.precision,
     )
-    result = train_maga(cache, args.out, config, args.teacher, resume=args.resume, log=_log)
+    result = train_maga(pairs, args.out, config, args.teacher, resume=args.resume, log=_log)
     print(json.dumps({"student": str(result.student_path), "alignment": result.alignment}))
     return 0
 
