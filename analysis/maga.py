@@ -377,7 +377,7 @@ class MagaConfig:
     holdout_fraction: float = 0.1  # pairs kept out of training to measure alignment
     max_steps_per_epoch: int | None = None  # cap for quick runs
     calibration_patches: int = 256  # 20x patches that calibrate the fallback teacher's BN
-    precision: str = "auto"  # 'fp32' | 'bf16' | 'auto' (bf16 where the device has a fast path)
+    precision: str = "fp32"  # "fp32" | "bf16" | "auto" (bf16 where the device has a fast path)
     device: str = field(default_factory=default_device)
     num_threads: int | None = None  # torch CPU threads; None leaves the process setting
     workers: int = 0  # DataLoader worker processes reading pairs (0: read in this process)
