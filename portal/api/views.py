@@ -1,6 +1,6 @@
 """The v1 REST API: one ViewSet per resource on a router, extras as ``@action``.
 
-Every queryset is filtered by cohort membership first (``permissions.visible``), so objects of
+Every queryset is filtered by cohort membership first (``portal.cases.access.visible``), so objects of
 other cohorts answer 404; role checks on writes answer 403.
 """
 
@@ -35,16 +35,8 @@ from portal.api.exceptions import (
     PreconditionRequired,
 )
 from portal.api.models import ApiToken
-from portal.api.permissions import (
-    INTEGRATION,
-    PATHOLOGIST,
-    CohortRolePermission,
-    IsAdmin,
-    IsAdminOrReadOnly,
-    is_admin,
-    require_role,
-    visible,
-)
+from portal.api.permissions import CohortRolePermission, IsAdmin, IsAdminOrReadOnly
+from portal.cases.access import INTEGRATION, PATHOLOGIST, is_admin, require_role, visible
 from portal.cases.models import Case, Cohort, Slide
 from portal.reviews import audit, geojson, signing
 from portal.reviews.models import Annotation, AuditEvent, Diagnosis, SecondOpinionRequest

@@ -30,7 +30,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from portal.api.permissions import INTEGRATION, PATHOLOGIST, cohort_ids, is_admin
+from portal.cases.access import INTEGRATION, PATHOLOGIST, visible
 from portal.cases.models import Case, Cohort, Slide
 from portal.uploads import tus
 from portal.uploads.ingest import on_upload_complete
@@ -62,10 +62,9 @@ SLIDE_DETAIL_FIELDS = (
 
 def uploadable_cases(user) -> QuerySet[Case]:
     """Cases in cohorts where the user is a pathologist or integration member (all for admins)."""
-    cases = Case.objects.select_related("cohort")
-    if is_admin(user):
-        return cases
-    return cases.filter(cohort_id__in=cohort_ids(user, (PATHOLOGIST, INTEGRATION)))
+    return visible(
+        Case.objects.select_related("cohort"), user, "cohort_id", (PATHOLOGIST, INTEGRATION)
+    )
 
 
 def find_case(user, metadata: dict[str, str]) -> Case | None:

@@ -25,7 +25,7 @@ from django.views.decorators.http import require_GET
 
 from analysis.heatmap import colormap_lut
 from portal.analyses.models import AnalysisJob, Prediction
-from portal.api.permissions import PATHOLOGIST, is_admin, role_in, visible
+from portal.cases.access import PATHOLOGIST, is_admin, role_in, visible
 from portal.cases.models import Case, Cohort, Slide
 from portal.reviews import audit
 from portal.reviews.models import Diagnosis
