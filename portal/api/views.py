@@ -11,7 +11,6 @@ from django.db import models, transaction
 from django.db.models import IntegerField, Max, Q, Value, When
 from django.middleware.csrf import get_token
 from django.shortcuts import get_object_or_404
-from django.utils import timezone
 from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
@@ -117,7 +116,7 @@ class CaseViewSet(viewsets.ModelViewSet):
 
     def retrieve(self, request, *args, **kwargs):
         case = self.get_object()
-        if case.status == "signed":
+        if case.is_signed:
             audit.record(request.user, "case.view", case, request=request)
         return Response(self.get_serializer(case).data)
 
@@ -235,7 +234,7 @@ class AnalysisJobViewSet(viewsets.ReadOnlyModelViewSet):
         from portal.analyses.tasks import request_analysis
 
         job = self._job_for_change(request, "retry analyses")
-        if job.state not in ("failed", "cancelled"):
+        if job.state not in AnalysisJob.RETRYABLE:
             raise Conflict(
                 f"Job {job.pk} is {job.state}; only failed or cancelled jobs are retried."
             )
@@ -427,7 +426,7 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
 
     def retrieve(self, request, *args, **kwargs):
         diagnosis = self.get_object()
-        if diagnosis.case.status == "signed":
+        if diagnosis.case.is_signed:
             audit.record(request.user, "diagnosis.view", diagnosis, request=request)
         return self._respond(diagnosis)
 
@@ -441,7 +440,7 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
         if draft is not None:
             raise Conflict(f"This case already has a draft diagnosis ({draft.pk}); edit that one.")
         serializer.save(author=self.request.user, version=1, row_version=1)
-        Case.objects.filter(pk=case.pk).exclude(status="signed").update(status="in_review")
+        case.start_review()
 
     def create(self, request, *args, **kwargs):
         serializer = self.get_serializer(data=request.data)
@@ -590,9 +589,7 @@ class SecondOpinionViewSet(
         )
         if opinion.status == SecondOpinionRequest.CLOSED:
             raise Conflict("This request is already closed.")
-        opinion.status = SecondOpinionRequest.CLOSED
-        opinion.closed_at = timezone.now()
-        opinion.save(update_fields=["status", "closed_at"])
+        opinion.close()
         audit.record(request.user, "second_opinion.close", opinion, request=request)
         return Response(self.get_serializer(opinion).data)
 
@@ -630,11 +627,14 @@ class WorklistViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
         queue = self.request.query_params.get("queue", "unsigned")
         cases = visible(Case.objects.prefetch_related("slides"), user, "cohort")
         if queue == "unsigned":
-            cases = cases.exclude(status="signed")
+            cases = cases.exclude(status=Case.Status.SIGNED)
         elif queue == "mine":
             cases = cases.filter(
                 Q(diagnoses__author=user, diagnoses__status=Diagnosis.DRAFT)
-                | Q(second_opinions__assigned_to=user, second_opinions__status="open")
+                | Q(
+                    second_opinions__assigned_to=user,
+                    second_opinions__status=SecondOpinionRequest.OPEN,
+                )
             )
         elif queue == "second-opinion":
             cases = cases.filter(second_opinions__status=SecondOpinionRequest.OPEN)

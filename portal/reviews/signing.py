@@ -100,7 +100,7 @@ def _seal(diagnosis: Diagnosis, signer) -> None:
     diagnosis.signed_at = timezone.now()
     diagnosis.content_hash = diagnosis.compute_content_hash()
     diagnosis.save()
-    Case.objects.filter(pk=diagnosis.case_id).update(status="signed", updated_at=timezone.now())
+    diagnosis.case.mark_signed()
 
 
 @transaction.atomic

@@ -292,7 +292,7 @@ def _create_upload(request: Request, metadata: dict[str, str], length: int) -> U
     case = find_case(request.user, metadata)
     if case is None:
         raise tus.TusError(404, "No such case (metadata 'case': id, or accession + 'cohort').")
-    if case.status == "signed":
+    if case.is_signed:
         raise tus.TusError(409, f"case {case.accession_number} is signed; slides cannot be added")
     upload = Upload.objects.create(
         user=request.user, case=case, filename=filename, length=length, metadata=metadata

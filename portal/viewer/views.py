@@ -69,9 +69,9 @@ def _filtered_cases(request):
     cases = visible(Case.objects.select_related("cohort"), request.user, "cohort")
     queue = params.get("queue", "unsigned")
     if queue == "unsigned":
-        cases = cases.exclude(status="signed")
+        cases = cases.exclude(status=Case.Status.SIGNED)
     elif queue == "signed":
-        cases = cases.filter(status="signed")
+        cases = cases.filter(status=Case.Status.SIGNED)
     elif queue == "mine":
         cases = cases.filter(diagnoses__author=request.user, diagnoses__status=Diagnosis.DRAFT)
     if params.get("status") in dict(Case.STATUSES):
@@ -184,7 +184,7 @@ def _legend() -> list[str]:
 @login_required
 def case_page(request, case_id: int):
     case = _visible_case(request.user, case_id)
-    if case.status == "signed":
+    if case.is_signed:
         audit.record(request.user, "case.view", case, request=request)
     slides = [_slide_json(s) for s in case.slides.all()]
     role = role_in(request.user, case.cohort_id)
@@ -277,7 +277,7 @@ def _region_jpeg(slide: Slide, l0_xy: tuple[int, int], l0_size: int, out_px: int
 @require_GET
 def slide_region(request, slide_id: int):
     """``?x=&y=&size=`` (level-0 px) -> a square JPEG of ``px`` pixels (default 128)."""
-    slides = visible(Slide.objects.filter(status="ready"), request.user, "case__cohort")
+    slides = visible(Slide.objects.filter(status=Slide.Status.READY), request.user, "case__cohort")
     slide = get_object_or_404(slides, pk=slide_id)
     try:
         x, y, size = (int(float(request.GET[p])) for p in ("x", "y", "size"))
