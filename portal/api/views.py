@@ -7,8 +7,8 @@ other cohorts answer 404; role checks on writes answer 403.
 from __future__ import annotations
 
 from django.contrib.auth import authenticate, login, logout
-from django.db import models, transaction
-from django.db.models import IntegerField, Max, Q, Value, When
+from django.db import transaction
+from django.db.models import Max
 from django.middleware.csrf import get_token
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import (
@@ -33,10 +33,12 @@ from portal.api.exceptions import (
     PreconditionFailed,
     PreconditionRequired,
 )
+from portal.api.filters import QueryParamFilter
 from portal.api.models import ApiToken
 from portal.api.permissions import CohortRolePermission, IsAdmin, IsAdminOrReadOnly
 from portal.cases.access import INTEGRATION, PATHOLOGIST, is_admin, require_role, visible
 from portal.cases.models import Case, Cohort, Slide
+from portal.cases.worklist import DEFAULT_QUEUE, QUEUES, UnknownQueue, worklist
 from portal.reviews import audit, geojson, signing
 from portal.reviews.models import Annotation, AuditEvent, Diagnosis, SecondOpinionRequest
 
@@ -594,13 +596,12 @@ class SecondOpinionViewSet(
         return Response(self.get_serializer(opinion).data)
 
 
-PRIORITY_RANK = models.Case(
-    When(priority="frozen", then=Value(0)),
-    When(priority="urgent", then=Value(1)),
-    default=Value(2),
-    output_field=IntegerField(),
-)
-QUEUES = ["mine", "unsigned", "second-opinion"]
+WORKLIST_FILTERS = {
+    "cohort": int,
+    "status": list(Case.Status.values),
+    "priority": list(Case.Priority.values),
+    "q": str,
+}
 
 
 @extend_schema_view(
@@ -609,10 +610,15 @@ QUEUES = ["mine", "unsigned", "second-opinion"]
             OpenApiParameter(
                 "queue",
                 str,
-                enum=QUEUES,
-                description="mine: your drafts and second opinions assigned to you; unsigned: "
-                "cases not yet signed; second-opinion: cases with an open request.",
-            )
+                enum=list(QUEUES),
+                description="unsigned: cases not yet signed (the default); mine: your drafts and "
+                "second opinions assigned to you; second-opinion: cases with an open request; "
+                "signed; all.",
+            ),
+            OpenApiParameter("cohort", int),
+            OpenApiParameter("status", str, enum=WORKLIST_FILTERS["status"]),
+            OpenApiParameter("priority", str, enum=WORKLIST_FILTERS["priority"]),
+            OpenApiParameter("q", str, description="part of an accession number or patient id"),
         ]
     )
 )
@@ -620,27 +626,19 @@ class WorklistViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     """Cases to work on, most urgent first (frozen, urgent, routine; then oldest)."""
 
     serializer_class = s.CaseSerializer
-    filter_params = {"cohort": ("cohort_id", int)}
 
     def get_queryset(self):
-        user = self.request.user
-        queue = self.request.query_params.get("queue", "unsigned")
-        cases = visible(Case.objects.prefetch_related("slides"), user, "cohort")
-        if queue == "unsigned":
-            cases = cases.exclude(status=Case.Status.SIGNED)
-        elif queue == "mine":
-            cases = cases.filter(
-                Q(diagnoses__author=user, diagnoses__status=Diagnosis.DRAFT)
-                | Q(
-                    second_opinions__assigned_to=user,
-                    second_opinions__status=SecondOpinionRequest.OPEN,
-                )
-            )
-        elif queue == "second-opinion":
-            cases = cases.filter(second_opinions__status=SecondOpinionRequest.OPEN)
-        else:
-            raise ValidationError({"queue": f"'{queue[:40]}' is not one of {', '.join(QUEUES)}"})
-        return cases.distinct().annotate(rank=PRIORITY_RANK).order_by("rank", "created_at", "id")
+        params = self.request.query_params
+        filters = {
+            name: QueryParamFilter.parse(name, params[name], kind)
+            for name, kind in WORKLIST_FILTERS.items()
+            if params.get(name)
+        }
+        try:
+            cases = worklist(self.request.user, params.get("queue", DEFAULT_QUEUE), filters)
+        except UnknownQueue as exc:
+            raise ValidationError({"queue": str(exc)}) from exc
+        return cases.prefetch_related("slides")
 
 
 class ApiTokenViewSet(
