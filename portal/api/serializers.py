@@ -92,6 +92,17 @@ class CaseSerializer(serializers.ModelSerializer):
         read_only_fields = ["status", "created_at", "updated_at"]
 
 
+class CaseIdentityAmendSerializer(serializers.Serializer):
+    patient_id = serializers.CharField(max_length=100, required=False)
+    accession_number = serializers.CharField(max_length=100, required=False)
+    reason = serializers.CharField(max_length=2000, help_text="Why the identity is corrected.")
+
+    def validate_reason(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("A correction needs a reason.")
+        return value
+
+
 class SlideSerializer(serializers.ModelSerializer):
     cohort = serializers.IntegerField(source="case.cohort_id", read_only=True)
 

@@ -109,7 +109,31 @@ class CaseViewSet(viewsets.ModelViewSet):
         cohort = serializer.validated_data.get("cohort")
         if cohort is not None:
             require_role(self.request.user, cohort.pk, self.write_roles, "move cases into it")
+        frozen = signing.check_identity_frozen(
+            serializer.instance, serializer.validated_data, self.request.user, self.request
+        )
+        if frozen:
+            raise Conflict(
+                f"This case is signed: its {', '.join(sorted(frozen))} cannot change. An admin "
+                "corrects them with POST /api/v1/cases/<id>/amend-identity/ and a reason."
+            )
         serializer.save()
+
+    @extend_schema(
+        request=s.CaseIdentityAmendSerializer,
+        responses={200: s.CaseSerializer, 400: INVALID, 403: DETAIL, 409: DETAIL},
+    )
+    @action(detail=True, methods=["post"], url_path="amend-identity", permission_classes=[IsAdmin])
+    def amend_identity(self, request, pk=None):
+        """Correct a signed case's patient id or accession number (admins; audited)."""
+        case = self.get_object()
+        body = s.CaseIdentityAmendSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        reason = body.validated_data.pop("reason").strip()
+        if not signing.identity_changes(case, body.validated_data):
+            raise Conflict("Nothing to change: give a new patient_id or accession_number.")
+        case = signing.amend_identity(case, request.user, body.validated_data, reason, request)
+        return Response(self.get_serializer(case).data)
 
     def perform_destroy(self, case):
         if not is_admin(self.request.user):
