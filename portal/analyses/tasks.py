@@ -263,4 +263,7 @@ def ingest_and_analyse(self, slide_id: int) -> str:
     if slide.status == "ready":
         dispatch(pretile_slide, slide.pk)
         request_analysis(slide)
+        from portal.analyses.shadow import request_shadow
+
+        request_shadow(slide)  # a candidate in shadow mode analyses it too, out of sight
     return slide.status

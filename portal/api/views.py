@@ -195,25 +195,34 @@ class ModelVersionViewSet(viewsets.ReadOnlyModelViewSet):
     search_fields = ["name", "version", "task"]
     ordering_fields = ["name", "created_at"]
 
-    @extend_schema(request=s.ActivateModelSerializer, responses=s.ModelVersionSerializer)
+    @extend_schema(
+        request=s.ActivateModelSerializer, responses={200: s.ModelVersionSerializer, 409: DETAIL}
+    )
     @action(detail=True, methods=["post"], permission_classes=[IsAdmin])
     def activate(self, request, pk=None):
-        """Mark the model active; with ``cohort``, also make it that cohort's model."""
+        """Mark the model active; with ``cohort``, also make it that cohort's model.
+
+        Refused (409) when the weights do not verify against their SHA-256 or a demo model
+        would go to a cohort not marked as demo; ``reason`` is required and audited.
+        """
+        from portal.analyses.lifecycle import ActivationError, activate, check_can_activate
+
         model = self.get_object()
         body = s.ActivateModelSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        with transaction.atomic():
-            ModelVersion.objects.filter(pk=model.pk).update(active=True)
-            cohort = body.validated_data.get("cohort")
+        cohort, reason = body.validated_data.get("cohort"), body.validated_data["reason"]
+        try:
             if cohort is not None:
-                Cohort.objects.filter(pk=cohort.pk).update(active_model=model)
-            audit.record(
-                request.user,
-                "model.activate",
-                model,
-                request=request,
-                cohort=getattr(cohort, "pk", None),
-            )
+                activate(model, cohort, request.user, reason, request=request)
+            else:
+                check_can_activate(model, None)
+                with transaction.atomic():
+                    ModelVersion.objects.filter(pk=model.pk).update(active=True)
+                    audit.record(
+                        request.user, "model.activate", model, request=request, reason=reason
+                    )
+        except ActivationError as exc:
+            raise Conflict(str(exc)) from exc
         model.refresh_from_db()
         return Response(self.get_serializer(model).data)
 
