@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from analysis.devices import DEVICE_HELP
 from analysis.errors import AnalysisError
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms"}
@@ -35,7 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float, default=1e-4)
     train.add_argument("--max-steps", type=int, help="cap on steps per epoch")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     train.add_argument("--workers", type=int, default=2, help="pair-reading worker processes")
     train.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto")
     train.add_argument(
@@ -45,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "reading the slides while training",
     )
     train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--device", help=DEVICE_HELP)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("-o", "--out", required=True, type=Path, help="output folder")
     train.set_defaults(handler=train_maga_command)
@@ -59,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.add_argument("--batch-size", type=int, default=64)
     extract.add_argument("--min-tissue", type=float, default=0.25)
     extract.add_argument("--threads", type=int, help="torch CPU threads")
+    extract.add_argument("--device", help=DEVICE_HELP)
     extract.add_argument("-o", "--out", required=True, type=Path, help="output .h5")
     extract.set_defaults(handler=extract_command)
 
@@ -78,7 +80,7 @@ def find_slides(folder: Path) -> list[Path]:
 def train_maga_command(args: argparse.Namespace) -> int:
     import torch
 
-    from analysis.encoders import default_device
+    from analysis.devices import resolve_device
     from analysis.maga import (
         MagaConfig,
         PairSource,
@@ -91,7 +93,7 @@ def train_maga_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     slides = find_slides(args.slides)
-    device = init_distributed() or args.device or default_device()
+    device = init_distributed() or resolve_device(args.device)
     pairs: PairSource
     if args.pair_cache:
         pairs = build_pair_cache(
@@ -131,6 +133,7 @@ def train_maga_command(args: argparse.Namespace) -> int:
 def extract_command(args: argparse.Namespace) -> int:
     import torch
 
+    from analysis.devices import resolve_device
     from analysis.encoders import build_encoder
     from analysis.features import extract_features, save_h5
     from analysis.slides import open_slide
@@ -139,15 +142,17 @@ def extract_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     encoder = build_encoder(
-        args.encoder, args.weights, precision=args.precision, batch_size=args.batch_size
+        args.encoder,
+        args.weights,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        device=resolve_device(args.device),
     )
     if args.weights is None:
         _log(f"no --weights: using the {encoder.weights_source} {args.encoder} (not pretrained)")
     with open_slide(args.slide, mpp=args.mpp) as slide:
         grid = patch_grid(slide, min_tissue=args.min_tissue)
-    features = extract_features(
-        args.slide, grid, encoder, args.mag, batch_size=args.batch_size, slide_mpp=args.mpp
-    )
+        features = extract_features(slide, grid, encoder, args.mag, batch_size=args.batch_size)
     save_h5(args.out, features)
     print(f"{args.out}: {len(features)} patches x {encoder.dim} features at {args.mag:g}x")
     return 0
