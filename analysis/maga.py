@@ -305,6 +305,8 @@ class SlidePairs:
     def __getitem__(self, i: int) -> tuple[int, np.ndarray, np.ndarray]:
         slide = _slides_of_this_process().get(self.slides[self.slide_index[i]])
         high = slide.read_patch(tuple(self.l0_xy[i]), self.high_mag, self.patch_um)
+        if not high.flags.writeable:  # torch wants writable memory
+            high = np.array(high)
         return i, high, box_downsample(high, self.high_size // self._low_size)
 
     def describe(self) -> dict:

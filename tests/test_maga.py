@@ -249,3 +249,25 @@ def test_streaming_trainer_reads_slides_in_workers_writes_no_pair_data_and_resum
         "teacher.safetensors",
     ]
     assert json.loads((tmp_path / "maga.json").read_text())["pair_source"]["kind"] == "slides"
+
+
+def test_a_uni_layout_teacher_aligns_through_maga_at_5x(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from analysis.maga import SlidePairs
+    from tests.vit_layouts import uni_layout
+
+    spec = "vit:uni,dim=64,depth=3,heads=4"  # UNI's key layout at a small width
+    save_file(uni_layout(64, 3), str(tmp_path / "uni.safetensors"))
+    pairs = SlidePairs([shared_slide(CMU)], low_mag=5, pairs_per_slide=24, seed=0)
+    config = _quick_config(encoder=spec, epochs=4, lr=1e-4, holdout_fraction=0.25)
+    result = train_maga(
+        pairs, tmp_path / "run", config, teacher_weights=tmp_path / "uni.safetensors"
+    )
+    first, last = result.history[0], result.history[-1]
+    assert last["loss"] < first["loss"] and last["pooled"] < first["pooled"]
+    assert result.alignment["pairs"] == 6 and np.isfinite(result.alignment["aligned"])
+    assert set(load_file(str(result.student_path))) == set(uni_layout(64, 3))  # still UNI's keys
+    student = build_encoder(spec, weights=result.student_path, device="cpu")
+    _, _, low = pairs[0]
+    assert student.embed(low[None]).shape == (1, 64)
