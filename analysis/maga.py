@@ -414,6 +414,7 @@ class MagaResult:
     teacher_source: str
     history: list[dict]  # one entry per epoch: loss, per-block L1, lr, seconds, pairs/s
     alignment: dict[str, float]  # hold-out distances to the 20x teacher: unaligned vs aligned
+    student: nn.Module | None = None  # the aligned network, in eval mode
 
 
 def train_maga(
@@ -470,6 +471,8 @@ def train_maga(
     student_path = out_dir / STUDENT_FILE
     if rank == 0:
         save_weights(student.eval(), student_path)
+    if world > 1:
+        torch.distributed.barrier()  # every process returns with the files in place
     alignment = _alignment(teacher, student, pairs, targets, holdout_idx, config)
     summary = {
         "encoder": config.encoder,
@@ -485,7 +488,7 @@ def train_maga(
     }
     if rank == 0:
         _write_json(out_dir / "maga.json", summary)
-    return MagaResult(student_path, teacher_source, history, alignment)
+    return MagaResult(student_path, teacher_source, history, alignment, student.eval())
 
 
 class _Blocks(nn.Module):
@@ -665,7 +668,7 @@ def _train_epoch(
     rank, world = _distributed()
     student.train(config.student_bn == "train")
     order = np.random.default_rng([config.seed, epoch]).permutation(train_idx)
-    order = order[rank::world]  # each process its share (all of it without DDP)
+    order = order[rank::world][: len(order) // world]  # equal shares: DDP steps in lockstep
     steps = math.ceil(len(order) / config.batch_size)
     if config.max_steps_per_epoch:
         steps = min(steps, config.max_steps_per_epoch)

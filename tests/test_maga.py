@@ -271,3 +271,48 @@ def test_a_uni_layout_teacher_aligns_through_maga_at_5x(tmp_path):
     student = build_encoder(spec, weights=result.student_path, device="cpu")
     _, _, low = pairs[0]
     assert student.embed(low[None]).shape == (1, 64)
+
+
+def _ddp_worker(rank: int, root: str, out: str, teacher: str, port: int) -> None:
+    import os
+
+    from analysis.encoders import save_weights
+    from analysis.maga import init_distributed
+
+    os.environ.update(
+        WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    device = init_distributed()
+    config = _quick_config(
+        encoder="vit:dim=32,depth=3,heads=2", epochs=1, batch_size=4, holdout_fraction=0,
+        device=device,
+    )  # fmt: skip
+    result = train_maga(PairCache.open(root), out, config, teacher_weights=teacher)
+    save_weights(result.student, f"{out}/{rank}")  # this process's copy of the student
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_train_one_student_with_distributed_data_parallel(cmu_pairs, tmp_path):
+    import socket
+
+    from safetensors.torch import load_file
+
+    from analysis.encoders import build_model, save_weights
+
+    teacher = save_weights(build_model("vit:dim=32,depth=3,heads=2"), tmp_path / "t.safetensors")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "run"
+    args = (str(cmu_pairs.root), str(out), str(teacher), port)
+    torch.multiprocessing.spawn(_ddp_worker, args=args, nprocs=2, join=True)
+    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    assert state["history"][0]["pairs"] == len(cmu_pairs) // 2  # each process: half the pairs
+    first, second = load_file(str(out / "0")), load_file(str(out / "1"))
+    for key in first:  # gradients were averaged: both processes hold the same student
+        torch.testing.assert_close(first[key], second[key])
+    assert not torch.equal(
+        first["blocks.0.attn.qkv.weight"], load_file(str(teacher))["blocks.0.attn.qkv.weight"]
+    )
