@@ -75,3 +75,16 @@ def test_extract_cohort_command_runs_in_process_and_resumes(
         call_command("extract_cohort", *argv)
     assert "1 slide(s) queued (sync mode), 1 already extracted" in capsys.readouterr().out
     assert (out / "B-1.h5").is_file()
+
+
+def test_lowmag_extract_cohort_runs_without_django_and_skips_done_slides(
+    slide_folder, tmp_path, capsys
+):
+    from analysis.cli import main as lowmag
+
+    argv = ["extract-cohort", "--slides", str(slide_folder), "-o", str(tmp_path / "f")]
+    argv += ["--encoder", "vit_tiny", "--precision", "fp32", "--device", "cpu"]
+    assert lowmag(argv) == 0
+    assert "1 slide(s) extracted, 0 already there" in capsys.readouterr().out
+    assert lowmag(argv) == 0
+    assert "0 slide(s) extracted, 1 already there" in capsys.readouterr().out

@@ -64,6 +64,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.add_argument("-o", "--out", required=True, type=Path, help="output .h5")
     extract.set_defaults(handler=extract_command)
 
+    cohort = subparsers.add_parser(
+        "extract-cohort",
+        help="encode every slide of a folder to OUT/<slide id>.h5 (skips slides already done)",
+    )
+    cohort.add_argument("--slides", required=True, type=Path, help="folder of whole-slide images")
+    cohort.add_argument("--mag", type=float, default=5.0, help="read magnification")
+    cohort.add_argument("--encoder", default="resnet50_trunc")
+    cohort.add_argument("--weights", type=Path, help="encoder weights (.pth/.safetensors)")
+    cohort.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto")
+    cohort.add_argument("--batch-size", type=int, default=64)
+    cohort.add_argument("--min-tissue", type=float, default=0.25)
+    cohort.add_argument("--threads", type=int, help="torch CPU threads")
+    cohort.add_argument("--device", help=DEVICE_HELP)
+    cohort.add_argument("-o", "--out", required=True, type=Path, help="feature folder")
+    cohort.set_defaults(handler=extract_cohort_command)
+
 
 def find_slides(folder: Path) -> list[Path]:
     """Whole-slide files directly in ``folder`` (sorted), by extension."""
@@ -155,6 +171,30 @@ def extract_command(args: argparse.Namespace) -> int:
         features = extract_features(slide, grid, encoder, args.mag, batch_size=args.batch_size)
     save_h5(args.out, features)
     print(f"{args.out}: {len(features)} patches x {encoder.dim} features at {args.mag:g}x")
+    return 0
+
+
+def extract_cohort_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from analysis.cohort import ExtractSettings, extract_cohort
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.weights is not None and not args.weights.is_file():
+        raise AnalysisError(f"weight file {args.weights} does not exist: check the path")
+    settings = ExtractSettings(
+        mag=args.mag,
+        encoder=args.encoder,
+        weights=str(args.weights) if args.weights else None,
+        precision=args.precision,
+        device=args.device,
+        batch_size=args.batch_size,
+        min_tissue=args.min_tissue,
+    )
+    results = extract_cohort(find_slides(args.slides), args.out, settings, log=_log)
+    done = sum(r["status"] == "extracted" for r in results)
+    print(f"{args.out}: {done} slide(s) extracted, {len(results) - done} already there")
     return 0
 
 
