@@ -202,7 +202,7 @@ def _select_cells(request: dict, log: Log) -> list[tuple[int, np.ndarray, np.nda
     rng = np.random.default_rng(request["seed"])
     selections = []
     for slide_no, path in enumerate(request["slides"]):
-        with open_slide(path) as slide:
+        with open_slide(path, mpp=request.get("mpp")) as slide:
             try:
                 slide.level_for_magnification(request["high_mag"])
                 grid = patch_grid(slide, request["patch_um"], request["min_tissue"])
@@ -267,7 +267,10 @@ class SlidePairs:
         min_tissue: float = 0.25,
         patch_um: float = PATCH_UM,
         log: Log = _quiet,
+        mpp: float | None = None,
     ) -> None:
+        """``mpp``: level-0 µm/px for slides whose files carry no scale (as ``open_slide``)."""
+        self.mpp = mpp
         if low_mag >= high_mag:
             raise ValueError(f"low_mag ({low_mag}) must be below high_mag ({high_mag})")
         self.low_mag, self.high_mag, self.patch_um = float(low_mag), float(high_mag), patch_um
@@ -286,6 +289,7 @@ class SlidePairs:
             "seed": int(seed),
             "min_tissue": float(min_tissue),
             "patch_um": float(patch_um),
+            "mpp": mpp,
         }
         selections = _select_cells(request, log)
         self.slides = [request["slides"][k] for k, _, _ in selections]
@@ -303,7 +307,7 @@ class SlidePairs:
         return self._low_size
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray, np.ndarray]:
-        slide = _slides_of_this_process().get(self.slides[self.slide_index[i]])
+        slide = _slides_of_this_process().get(self.slides[self.slide_index[i]], self.mpp)
         high = slide.read_patch(tuple(self.l0_xy[i]), self.high_mag, self.patch_um)
         if not high.flags.writeable:  # torch wants writable memory
             high = np.array(high)

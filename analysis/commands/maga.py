@@ -44,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cache both reads of every pair under OUT/pairs (~200 KB per 5x pair) instead of "
         "reading the slides while training",
     )
+    train.add_argument("--mpp", type=float, help="level-0 µm/px for slides that carry none")
     train.add_argument("--threads", type=int, help="torch CPU threads")
     train.add_argument("--device", help=DEVICE_HELP)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -75,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cohort.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto")
     cohort.add_argument("--batch-size", type=int, default=64)
     cohort.add_argument("--min-tissue", type=float, default=0.25)
+    cohort.add_argument("--mpp", type=float, help="level-0 µm/px for slides that carry none")
     cohort.add_argument("--threads", type=int, help="torch CPU threads")
     cohort.add_argument("--device", help=DEVICE_HELP)
     cohort.add_argument("-o", "--out", required=True, type=Path, help="feature folder")
@@ -111,6 +113,8 @@ def train_maga_command(args: argparse.Namespace) -> int:
     slides = find_slides(args.slides)
     device = init_distributed() or resolve_device(args.device)
     pairs: PairSource
+    if args.pair_cache and args.mpp:
+        raise AnalysisError("--mpp works with slides read while training; drop --pair-cache")
     if args.pair_cache:
         pairs = build_pair_cache(
             slides,
@@ -129,6 +133,7 @@ def train_maga_command(args: argparse.Namespace) -> int:
             pairs_per_slide=args.pairs_per_slide,
             seed=args.seed,
             log=_log,
+            mpp=args.mpp,
         )
     config = MagaConfig(
         encoder=args.encoder,
@@ -191,6 +196,7 @@ def extract_cohort_command(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         min_tissue=args.min_tissue,
+        mpp=args.mpp,
     )
     results = extract_cohort(find_slides(args.slides), args.out, settings, log=_log)
     done = sum(r["status"] == "extracted" for r in results)
