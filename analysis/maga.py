@@ -629,7 +629,7 @@ def _load_teacher(
         log(f"no teacher weights: calibrating the seeded teacher's BatchNorm on {n} 20x patches")
         batches = (
             _to_input(high, config.device)
-            for _, high, _ in _loader(pairs, np.arange(n), config, drop_small=False)
+            for _, high, _ in _loader(pairs, _spread(len(pairs), n), config, drop_small=False)
         )
         calibrate_batchnorm(teacher, batches)
         if _distributed()[0] == 0:
@@ -671,7 +671,7 @@ def _train_epoch(
 ) -> dict:
     rank, world = _distributed()
     student.train(config.student_bn == "train")
-    order = np.random.default_rng([config.seed, epoch]).permutation(train_idx)
+    order = epoch_order(train_idx, config.seed, epoch)
     order = order[rank::world][: len(order) // world]  # equal shares: DDP steps in lockstep
     steps = math.ceil(len(order) / config.batch_size)
     if config.max_steps_per_epoch:
@@ -717,6 +717,26 @@ def _train_epoch(
         "seconds": round(seconds, 3),
         "pairs_per_s": round(done_pairs / max(seconds, 1e-9), 2),
     }
+
+
+READ_RUN = 8  # pairs read in a row from one slide (and one neighbourhood of its grid)
+
+
+def epoch_order(train_idx: np.ndarray, seed: int, epoch: int, run: int = READ_RUN) -> np.ndarray:
+    """A seeded shuffle of runs of ``run`` consecutive pairs.
+
+    Pairs are stored slide by slide in grid order, so a run is (mostly) neighbouring cells of
+    one slide: a reader opens each slide once per run and reuses decoded tiles, while a batch
+    still mixes batch_size / run slides.
+    """
+    runs = [train_idx[i : i + run] for i in range(0, len(train_idx), run)]
+    shuffled = np.random.default_rng([seed, epoch]).permutation(len(runs))
+    return np.concatenate([runs[k] for k in shuffled]) if runs else train_idx
+
+
+def _spread(n: int, k: int) -> np.ndarray:
+    """``k`` indices spread evenly over ``range(n)`` (calibration sees every part of a cohort)."""
+    return np.unique(np.linspace(0, n - 1, num=min(n, k)).round().astype(np.int64))
 
 
 def _duration(seconds: float) -> str:

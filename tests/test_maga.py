@@ -316,3 +316,23 @@ def test_two_processes_train_one_student_with_distributed_data_parallel(cmu_pair
     assert not torch.equal(
         first["blocks.0.attn.qkv.weight"], load_file(str(teacher))["blocks.0.attn.qkv.weight"]
     )
+
+
+def test_epoch_order_shuffles_runs_of_neighbouring_pairs_and_covers_each_pair_once():
+    from analysis.maga import epoch_order
+
+    train = np.array([0, 1, 2, 4, 5, 6, 7, 9, 10, 11, 12, 13, 15, 16, 17, 18, 19, 20])
+    first, second = epoch_order(train, 0, 0, run=4), epoch_order(train, 0, 1, run=4)
+    assert sorted(first) == sorted(second) == list(train)
+    assert not np.array_equal(first, second) and not np.array_equal(first, train)
+    runs = {tuple(train[i : i + 4]) for i in range(0, len(train), 4)}
+    assert {tuple(first[i : i + len(r)]) for i, r in _run_starts(first, runs)} == runs
+
+
+def _run_starts(order, runs):
+    by_first = {r[0]: r for r in runs}
+    i = 0
+    while i < len(order):
+        run = by_first[order[i]]
+        yield i, run
+        i += len(run)
