@@ -14,8 +14,8 @@ from analysis.mil import build_mil
 TINY_VIT_GLTRANS = {"in_dim": 192, "dim": 16, "n_heads": 2, "depth": 1, "n_classes": 2}
 CLASSES = ["lesion", "normal"]  # sorted, as training sets order them
 FAST_TRAINING = {
-    "folds": 4,
-    "epochs": 3,
+    "folds": 3,
+    "epochs": 2,
     "patience": 2,
     "bootstrap": 200,
     "mil_config": {"dim": 16, "n_heads": 2, "depth": 1},
@@ -41,13 +41,24 @@ def make_vit_bundle(out_dir: Path, *, version: str = "1", seed: int = 0) -> Path
 
 
 def write_slide_file(slide_dir: Path, name: str, label: str, seed: int) -> Path:
-    from analysis.synth import write_synthetic_slide
+    """A 5x (2 µm/px) pyramidal TIFF of a tissue disc; lesion discs carry darker nuclei."""
+    import numpy as np
 
-    path = slide_dir / name / f"{name}.svs"
+    from analysis.tiffio import write_pyramidal_tiff
+
+    side = 320
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side]
+    centre = side / 2 + rng.uniform(-20, 20, 2)
+    tissue = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 < (side * 0.42) ** 2
+    image = np.full((side, side, 3), 242, np.uint8)
+    image[tissue] = (225, 150, 190)  # eosin-pink stroma
+    nuclei = tissue & (rng.random((side, side)) < (0.12 if label == "lesion" else 0.05))
+    image[nuclei] = (90, 50, 140) if label == "lesion" else (140, 100, 170)
+    image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+    path = slide_dir / name / f"{name}.tiff"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_synthetic_slide(
-        path, width=512, height=512, seed=seed, label=int(label == "lesion"), mpp=2.0, workers=1
-    )
+    write_pyramidal_tiff(path, side, side, [image], mpp=2.0, app_mag=5.0, workers=1)
     return path
 
 
@@ -71,8 +82,8 @@ def make_case_with_slide(
         size_bytes=path.stat().st_size,
         mpp=2.0,
         magnification=5.0,
-        width=512,
-        height=512,
+        width=320,
+        height=320,
         status=status,
     )
     return case

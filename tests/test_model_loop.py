@@ -204,7 +204,7 @@ def test_train_validate_shadow_activate_and_roll_back(
     assert comparison["candidate"]["agreement"] == pytest.approx(np.mean(candidate_right))
     test = comparison["paired_test"]
     assert test["only_a_correct"] == sum(
-        c and not b for c, b in zip(candidate_right, baseline_right)
+        c and not b for c, b in zip(candidate_right, baseline_right, strict=True)
     )
     assert 0.0 <= test["p_value"] <= 1.0
 
