@@ -98,3 +98,105 @@ def sign(case, pathologist, call: str):
         case=case, author=pathologist, call=call, diagnosis_text=f"{call} (synthetic)"
     )
     return signing.sign(draft, pathologist)
+
+
+def compared_cohort(cohort, admin, pathologist, tmp_path: Path, n_cases: int = 4) -> dict:
+    """Cohort with an active baseline, a trained candidate (with a validation report computed
+    from out-of-fold predictions) in shadow mode, and ``n_cases`` signed cases both analysed."""
+    import numpy as np
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from analysis.evaluate import OutOfFoldPredictions
+    from analysis.validation import validation_report
+    from portal.analyses.lifecycle import activate
+    from portal.analyses.models import (
+        ModelVersion,
+        ShadowDeployment,
+        ShadowPrediction,
+        TrainingRun,
+    )
+    from tests.portal_fixtures import make_case, make_prediction
+
+    settings.BUNDLE_DIR = tmp_path / "bundles"
+    call_command("register_model", str(make_vit_bundle(tmp_path / "b1", version="1")))
+    call_command("register_model", str(make_vit_bundle(tmp_path / "b2", version="2", seed=1)))
+    baseline = ModelVersion.objects.get(version="1")
+    candidate = ModelVersion.objects.get(version="2")
+    activate(baseline, cohort, admin, "first model")
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 10)
+    p1 = np.clip(labels * 0.5 + rng.uniform(0, 0.5, 20), 0, 1)
+    predictions = OutOfFoldPredictions(
+        [f"s{i}" for i in range(20)],
+        [f"P{i}" for i in range(20)],
+        np.arange(20) % 4,
+        labels,
+        np.stack([1 - p1, p1], axis=1),
+    )
+    report = validation_report(
+        predictions,
+        CLASSES,
+        n_bootstrap=200,
+        out_dir=Path(candidate.bundle_path) / "report",
+    )
+    report["cases"] = [
+        {
+            "accession_number": f"T-{i}",
+            "patient_id": f"P{i}",
+            "label": CLASSES[labels[i]],
+            "fold": int(i % 4),
+            "probabilities": {"lesion": 1 - p1[i], "normal": p1[i]},
+        }
+        for i in range(20)
+    ]
+    report["crossval"] = {"n_folds": 4}
+    report["provenance"] = {
+        "code_version": "0.1.0",
+        "data_sha256": "d" * 64,
+        "encoder": "vit_tiny",
+        "excluded": {"withdrawn": [], "ai_not_reviewed": ["T-U"], "no_slide": []},
+        "training_run": 1,
+    }
+    ModelVersion.objects.filter(pk=candidate.pk).update(
+        report=report,
+        intended_use="Assist pathologists of the cohort with lesion detection.",
+        known_limits="One cohort only.\nNo independent test set.",
+    )
+    today = timezone.localdate()
+    TrainingRun.objects.create(
+        cohort=cohort,
+        signed_from=today,
+        signed_to=today,
+        created_by=admin,
+        state="succeeded",
+        model_version=candidate,
+        n_cases=20,
+    )
+    deployment = ShadowDeployment.objects.create(
+        cohort=cohort,
+        candidate=candidate,
+        baseline=baseline,
+        min_signed=n_cases,
+        started_by=admin,
+    )
+    cases = []
+    for i in range(n_cases):
+        case = make_case(cohort, f"S-{i:03d}")
+        slide = case.slides.get()
+        truth = CLASSES[i % 2]
+        make_prediction(slide, baseline, truth if i else CLASSES[1 - i % 2], 0.8)
+        ShadowPrediction.objects.create(
+            deployment=deployment,
+            slide=slide,
+            model_version=candidate,
+            state="succeeded",
+            probabilities={truth: 0.9},
+            predicted_class=truth,
+            confidence=0.9,
+        )
+        sign(case, pathologist, truth)
+        cases.append(case)
+    candidate.refresh_from_db()
+    return {"baseline": baseline, "candidate": candidate, "deployment": deployment, "cases": cases}
