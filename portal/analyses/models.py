@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class ModelVersion(models.Model):
@@ -56,13 +57,17 @@ class ModelVersion(models.Model):
 
 
 class AnalysisJob(models.Model):
-    STATES = [
-        ("queued", "Queued"),
-        ("running", "Running"),
-        ("succeeded", "Succeeded"),
-        ("failed", "Failed"),
-        ("cancelled", "Cancelled"),
-    ]
+    class State(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    STATES = State.choices
+    ACTIVE = (State.QUEUED, State.RUNNING)
+    FINAL = (State.SUCCEEDED, State.CANCELLED)  # nothing left to do
+    RETRYABLE = (State.FAILED, State.CANCELLED)  # a new request queues it again
 
     slide = models.ForeignKey("cases.Slide", on_delete=models.CASCADE, related_name="jobs")
     model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="jobs")
@@ -70,7 +75,7 @@ class AnalysisJob(models.Model):
     # earlier self instead of duplicating. The slide record is part of it: the same file
     # uploaded to two cases is two slides, each analysed (and each with its own prediction).
     idempotency_key = models.CharField(max_length=160, unique=True)
-    state = models.CharField(max_length=10, choices=STATES, default="queued")
+    state = models.CharField(max_length=10, choices=State.choices, default=State.QUEUED)
     stage = models.CharField(max_length=50, blank=True)
     progress = models.FloatField(default=0.0)
     timings = models.JSONField(default=dict, blank=True)
@@ -85,6 +90,25 @@ class AnalysisJob(models.Model):
 
     def __str__(self) -> str:
         return f"job {self.pk} ({self.state})"
+
+    def requeue(self) -> None:
+        """A failed or cancelled job asked for again starts afresh."""
+        self.state, self.error, self.progress, self.stage = self.State.QUEUED.value, "", 0.0, ""
+        self.save(update_fields=["state", "error", "progress", "stage"])
+
+    def cancel(self) -> bool:
+        """queued/running -> cancelled; False when the job had already ended."""
+        updated = AnalysisJob.objects.filter(pk=self.pk, state__in=self.ACTIVE).update(
+            state=self.State.CANCELLED, stage="cancelled", finished_at=timezone.now()
+        )
+        if updated:
+            self.state = self.State.CANCELLED.value
+        return bool(updated)
+
+    def is_cancelled(self) -> bool:
+        """Read afresh from the database: another process may have cancelled the job."""
+        state = AnalysisJob.objects.filter(pk=self.pk).values_list("state", flat=True).first()
+        return state == self.State.CANCELLED
 
     @staticmethod
     def key_for(slide_sha256: str, model_sha256: str, slide_id: int | None = None) -> str:

@@ -120,7 +120,7 @@ class Command(BaseCommand):
                     "clinical_question": "Lesion present? (synthetic demo case)",
                 },
             )
-            ready = case.slides.filter(status="ready").first()
+            ready = case.slides.filter(status=Slide.Status.READY).first()
             if ready is not None:
                 self._analyse(accession, ready)  # a no-op once its prediction exists
                 continue
@@ -135,7 +135,7 @@ class Command(BaseCommand):
                     label=label,
                 )
             slide = Slide.objects.create(
-                case=case, original_name=f"{accession}-5x.svs", status="ingesting"
+                case=case, original_name=f"{accession}-5x.svs", status=Slide.Status.INGESTING
             )
             folder = Path(settings.SLIDE_DIR) / str(slide.pk)
             folder.mkdir(parents=True, exist_ok=True)
