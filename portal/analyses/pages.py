@@ -28,7 +28,7 @@ from portal.analyses.models import (
     TrainingRun,
 )
 from portal.analyses.shadow import ShadowError, comparison, start_shadow
-from portal.api.permissions import PATHOLOGIST, is_admin
+from portal.cases.access import PATHOLOGIST, is_admin
 from portal.cases.models import Cohort, Membership
 from portal.reviews import audit
 

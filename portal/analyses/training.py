@@ -76,7 +76,7 @@ def start_training(
     request=None,
 ) -> TrainingRun:
     """Validate the training set and queue the run; raises ``TrainingSetError`` on bad input."""
-    from portal.api.permissions import is_admin
+    from portal.cases.access import is_admin
 
     if not is_admin(actor):
         raise PermissionError("Only admins can train models.")
