@@ -76,7 +76,7 @@ def check_can_activate(model: ModelVersion, cohort: Cohort | None) -> None:
 
 
 def _require_admin(actor) -> None:
-    from portal.api.permissions import is_admin
+    from portal.cases.access import is_admin
 
     if not is_admin(actor):
         raise PermissionError("Only admins can activate or roll back models.")

@@ -76,7 +76,7 @@ def start_training(
     request=None,
 ) -> TrainingRun:
     """Validate the training set and queue the run; raises ``TrainingSetError`` on bad input."""
-    from portal.api.permissions import is_admin
+    from portal.cases.access import is_admin
 
     if not is_admin(actor):
         raise PermissionError("Only admins can train models.")
@@ -276,7 +276,7 @@ def _train(run: TrainingRun, work: Path) -> ModelVersion:
         dict(options["mil_config"]),
         train_cfg,
         folds=int(options["folds"]),
-        out_dir=work / "crossval",
+        out_dir=None,  # the validation report below draws its own ROC
         classes=classes,
         n_bootstrap=int(options["bootstrap"]),
         split_seed=int(options["seed"]),
