@@ -442,12 +442,12 @@ def train_maga(
         torch.set_num_threads(config.num_threads)
     out_dir = Path(out_dir)
     rank, world = _distributed()
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
     train_idx, holdout_idx = _split(len(pairs), config)
     if len(train_idx) < 2:
         raise AnalysisError(f"MAGA needs at least 2 training pairs; there are {len(pairs)}")
     teacher, teacher_source = _load_teacher(pairs, out_dir, config, teacher_weights, resume, log)
+    if rank == 0:  # only now: a teacher file that does not fit leaves nothing behind
+        out_dir.mkdir(parents=True, exist_ok=True)
     shapes = _student_shapes(teacher, pairs.low_size, config.device)
     targets = _TargetMemo(teacher, shapes, config, len(pairs))
     student = build_model(config.encoder).to(config.device)
@@ -633,6 +633,7 @@ def _load_teacher(
         )
         calibrate_batchnorm(teacher, batches)
         if _distributed()[0] == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
             save_weights(teacher, saved)
         source = f"fallback teacher {saved} (seeded init, BN calibrated on {n} unlabeled patches)"
     for p in teacher.parameters():

@@ -336,3 +336,23 @@ def _run_starts(order, runs):
         run = by_first[order[i]]
         yield i, run
         i += len(run)
+
+
+def test_train_maga_with_a_teacher_of_another_architecture_is_one_line_and_writes_nothing(
+    tmp_path, capsys
+):
+    from safetensors.torch import save_file
+
+    from tests.vit_layouts import uni_layout
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / CMU).symlink_to(shared_slide(CMU))
+    save_file(uni_layout(64, 3), str(tmp_path / "uni.safetensors"))
+    out = tmp_path / "run"
+    argv = ["train-maga", "--slides", str(slides), "--teacher", str(tmp_path / "uni.safetensors")]
+    argv += ["--pairs-per-slide", "4", "--workers", "0", "-o", str(out)]
+    assert lowmag(argv) == 2  # a UNI-layout file into the default ResNet50-trunc
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "does not fit ResNet50Trunc" in err[-1] and "missing key" in err[-1]
+    assert not out.exists()
