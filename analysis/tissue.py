@@ -1,8 +1,11 @@
 """Tissue mask and the patch grid.
 
-The mask is computed at about ``mask_mpp`` µm/px (8 by default): HSV saturation, an Otsu
-threshold clipped to a sane range, pen ink (blue, green, black) rejected, then morphology
-(closing, hole filling, opening, removal of small objects).
+The mask is computed at about ``mask_mpp`` µm/px (16 by default: a 128 µm cell is 8 x 8 mask
+pixels, and a 16k x 16k 20x slide is a 500 x 500 image read from a thumbnail-sized pyramid
+level): HSV saturation, an Otsu threshold clipped to a sane range, pen ink (blue, green, black)
+rejected, then morphology (closing, hole filling, opening, removal of small objects). Every step
+is a vectorised pass over that small image (hue only for the few strongly saturated pixels, the
+3x3 median by a sorting network), so the tissue stage costs tens of milliseconds.
 
 The grid is computed once per slide in level-0 pixels: cells of ``patch_um`` µm, side
 ``patch_um / slide.mpp`` (a float), top-left of cell (row, col) at
@@ -22,6 +25,8 @@ from scipy import ndimage
 
 from analysis.errors import MagnificationUnavailableError, NoTissueError
 from analysis.slides import PATCH_UM, Slide
+
+MASK_MPP = 16.0  # µm per tissue-mask pixel
 
 
 @dataclass(frozen=True)
@@ -124,14 +129,56 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
+def _value_and_chroma(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 -> max(R, G, B) and max - min, both (H, W) uint8."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    value = np.maximum(np.maximum(r, g), b)
+    return value, value - np.minimum(np.minimum(r, g), b)
+
+
+def _saturation(value: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    """HSV saturation in [0, 1] as float32 from uint8 value and chroma."""
+    return chroma.astype(np.float32) / np.maximum(value, 1).astype(np.float32)
+
+
+def _median3(image: np.ndarray) -> np.ndarray:
+    """3x3 median filter (edges replicated, as ``ndimage.median_filter(mode='nearest')``).
+
+    A sorting network over the nine shifted views: a few dozen vectorised min/max passes
+    instead of a sort per pixel.
+    """
+    padded = np.pad(image, 1, mode="edge")
+    h, w = image.shape
+    v = [padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
+
+    def sort2(i: int, j: int) -> None:
+        v[i], v[j] = np.minimum(v[i], v[j]), np.maximum(v[i], v[j])
+
+    # Paeth's 19-comparator median-of-9 network; the median ends in v[4].
+    for i, j in (
+        (1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8),
+        (0, 3), (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2),
+    ):  # fmt: skip
+        sort2(i, j)
+    return v[4]
+
+
 def ink_mask_from_rgb(rgb: np.ndarray, config: TissueMaskConfig | None = None) -> np.ndarray:
-    """(H, W) bool: pen ink (blue, green) and near-black pixels."""
+    """(H, W) bool: pen ink (blue, green) and near-black pixels.
+
+    Hue is only computed for the few strongly saturated pixels that could be ink.
+    """
     config = config or TissueMaskConfig()
-    hue, sat, val = rgb_to_hsv(rgb)
-    saturated = sat >= config.ink_saturation
-    blue = saturated & (hue >= config.blue_hue_deg[0]) & (hue < config.blue_hue_deg[1])
-    green = saturated & (hue >= config.green_hue_deg[0]) & (hue < config.green_hue_deg[1])
-    ink = blue | green | (val < config.dark_value)
+    value, chroma = _value_and_chroma(rgb)
+    ink = value < config.dark_value * 255.0
+    saturated = (chroma.astype(np.float32) >= config.ink_saturation * value) & (chroma > 0)
+    if saturated.any():
+        where = np.nonzero(saturated)
+        hue, _, _ = rgb_to_hsv(rgb[where][None])  # (1, K) degrees
+        hue = hue[0]
+        blue = (hue >= config.blue_hue_deg[0]) & (hue < config.blue_hue_deg[1])
+        green = (hue >= config.green_hue_deg[0]) & (hue < config.green_hue_deg[1])
+        ink[where] |= blue | green
     if config.ink_margin_px > 0 and ink.any():
         ink = ndimage.binary_dilation(ink, iterations=config.ink_margin_px)
     return ink
@@ -140,9 +187,12 @@ def ink_mask_from_rgb(rgb: np.ndarray, config: TissueMaskConfig | None = None) -
 def tissue_mask_from_rgb(rgb: np.ndarray, config: TissueMaskConfig | None = None) -> np.ndarray:
     """(H, W, 3) uint8 RGB (white background) -> (H, W) bool tissue mask, ink excluded."""
     config = config or TissueMaskConfig()
-    _, sat, _ = rgb_to_hsv(rgb)
-    if config.median_px > 1:
-        sat = ndimage.median_filter(sat, size=config.median_px)
+    value, chroma = _value_and_chroma(rgb)
+    sat = _saturation(value, chroma)
+    if config.median_px == 3:
+        sat = _median3(sat)
+    elif config.median_px > 1:
+        sat = ndimage.median_filter(sat, size=config.median_px, mode="nearest")
     ink = ink_mask_from_rgb(rgb, config)
     candidates = sat[~ink]
     threshold = float(
@@ -173,7 +223,7 @@ def _remove_small_objects(mask: np.ndarray, min_px: int) -> np.ndarray:
 
 
 def tissue_mask(
-    slide: Slide, mask_mpp: float = 8.0, config: TissueMaskConfig | None = None
+    slide: Slide, mask_mpp: float = MASK_MPP, config: TissueMaskConfig | None = None
 ) -> TissueMask:
     """Tissue mask at ``mask_mpp`` µm/px (never finer than level 0), read from the pyramid."""
     l0_per_px = max(1.0, mask_mpp / slide.mpp)
