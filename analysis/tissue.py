@@ -180,7 +180,7 @@ def ink_mask_from_rgb(rgb: np.ndarray, config: TissueMaskConfig | None = None) -
         green = (hue >= config.green_hue_deg[0]) & (hue < config.green_hue_deg[1])
         ink[where] |= blue | green
     if config.ink_margin_px > 0 and ink.any():
-        ink = ndimage.binary_dilation(ink, iterations=config.ink_margin_px)
+        ink = _dilate_cross(ink, config.ink_margin_px)
     return ink
 
 
@@ -199,14 +199,61 @@ def tissue_mask_from_rgb(rgb: np.ndarray, config: TissueMaskConfig | None = None
         np.clip(otsu_threshold(candidates), config.min_saturation, config.max_saturation)
     )
     mask = (sat > threshold) & ~ink
-    structure = np.ones((3, 3), dtype=bool)
     if config.close_iterations:
-        mask = ndimage.binary_closing(mask, structure, iterations=config.close_iterations)
-    mask = ndimage.binary_fill_holes(mask)
+        mask = _erode(_dilate(mask, config.close_iterations), config.close_iterations)
+    mask = _fill_holes(mask)
     if config.open_iterations:
-        mask = ndimage.binary_opening(mask, structure, iterations=config.open_iterations)
+        mask = _dilate(_erode(mask, config.open_iterations), config.open_iterations)
     mask = _remove_small_objects(mask, config.min_object_px)
     return mask & ~ink
+
+
+# 3x3 binary morphology as separable row/column passes (the results of scipy.ndimage's binary_*
+# with a 3x3 structure and border_value=0, at a fraction of the cost).
+
+
+def _grow(mask: np.ndarray, combine) -> np.ndarray:
+    padded = np.pad(mask, 1, constant_values=False)
+    rows = combine(combine(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])  # (H + 2, W)
+    return combine(combine(rows[:-2], rows[1:-1]), rows[2:])  # (H, W)
+
+
+def _dilate(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    for _ in range(iterations):
+        mask = _grow(mask, np.logical_or)
+    return mask
+
+
+def _erode(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    for _ in range(iterations):
+        mask = _grow(mask, np.logical_and)
+    return mask
+
+
+def _dilate_cross(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """Dilation by the 4-connected cross (``ndimage.binary_dilation``'s default structure)."""
+    for _ in range(iterations):
+        padded = np.pad(mask, 1, constant_values=False)
+        mask = (
+            padded[1:-1, 1:-1]
+            | padded[:-2, 1:-1]
+            | padded[2:, 1:-1]
+            | padded[1:-1, :-2]
+            | padded[1:-1, 2:]
+        )
+    return mask
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Background regions that do not touch the image border become foreground."""
+    labels, n = ndimage.label(~mask)
+    if n == 0:
+        return mask
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    hole = np.ones(n + 1, dtype=bool)
+    hole[border] = False
+    hole[0] = False
+    return mask | hole[labels]
 
 
 def _remove_small_objects(mask: np.ndarray, min_px: int) -> np.ndarray:
@@ -253,9 +300,14 @@ def slide_overview_rgb(
         l0_y = int(round(r0 * l0_per_px))
         level_h = max(1, math.ceil((r1 - r0) * scale))
         strip = slide.read_region_rgb((0, l0_y), level, (level_w, level_h))  # (h, w, 3)
-        out[r0:r1] = np.asarray(
-            Image.fromarray(strip).resize((out_w, r1 - r0), Image.Resampling.BOX)
-        )
+        factor = int(round(scale))
+        if abs(scale - factor) < 1e-9 and strip.shape[:2] == ((r1 - r0) * factor, out_w * factor):
+            image = Image.fromarray(strip)  # a whole-number factor: Pillow's fast box reduce
+            out[r0:r1] = np.asarray(image.reduce(factor) if factor > 1 else image)
+        else:
+            out[r0:r1] = np.asarray(
+                Image.fromarray(strip).resize((out_w, r1 - r0), Image.Resampling.BOX)
+            )
     return out
 
 

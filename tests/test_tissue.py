@@ -221,3 +221,21 @@ def test_a_16k_slide_is_masked_from_a_500_px_overview():
     mask = tissue_mask(slide)  # type: ignore[arg-type]
     assert mask.mask.shape == (500, 500)
     assert slide.reads == [(2, (1000, 1000))]  # the 1000 px level, read once
+
+
+def test_fast_morphology_matches_scipy():
+    from scipy import ndimage
+
+    from analysis.tissue import _dilate, _dilate_cross, _erode, _fill_holes
+
+    rng = np.random.default_rng(7)
+    mask = ndimage.binary_opening(rng.random((90, 70)) < 0.45)
+    square = np.ones((3, 3), bool)
+    assert np.array_equal(_dilate(mask, 2), ndimage.binary_dilation(mask, square, 2))
+    assert np.array_equal(_erode(mask, 2), ndimage.binary_erosion(mask, square, 2))
+    closed = ndimage.binary_closing(mask, square, iterations=2)
+    assert np.array_equal(_erode(_dilate(mask, 2), 2), closed)
+    opened = ndimage.binary_opening(mask, square, iterations=1)
+    assert np.array_equal(_dilate(_erode(mask, 1), 1), opened)
+    assert np.array_equal(_dilate_cross(mask, 1), ndimage.binary_dilation(mask, iterations=1))
+    assert np.array_equal(_fill_holes(mask), ndimage.binary_fill_holes(mask))
