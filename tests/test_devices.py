@@ -124,3 +124,16 @@ def test_cli_device_flag_is_used_and_a_bad_one_is_one_line(tiny, capsys, monkeyp
     assert "unknown device 'gpu0'" in err and len(err.strip().splitlines()) == 1
     assert main(["predict", str(tiny.path), slide, "--device", "cpu"]) == 0
     assert "patches" in capsys.readouterr().out
+
+
+def test_cross_validation_inference_feeds_bags_on_the_models_device():
+    from analysis.train import Bag, predict_proba
+
+    rng = np.random.default_rng(1)
+    bags = [
+        Bag(rng.normal(size=(n, 8)).astype(np.float32), np.zeros((n, 2), np.int64), 0, f"s{n}", "p")
+        for n in (5, 9)
+    ]
+    mil = FakeAcceleratorMIL(n_classes=2)
+    probabilities = predict_proba(mil, bags)
+    assert probabilities.shape == (2, 2) and mil.misplaced_inputs == []
