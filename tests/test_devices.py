@@ -137,3 +137,18 @@ def test_cross_validation_inference_feeds_bags_on_the_models_device():
     mil = FakeAcceleratorMIL(n_classes=2)
     probabilities = predict_proba(mil, bags)
     assert probabilities.shape == (2, 2) and mil.misplaced_inputs == []
+
+
+def test_bad_input_with_models_off_the_cpu_gets_the_cpu_paths_errors(tiny):
+    from analysis.errors import MagnificationUnavailableError, NoTissueError
+
+    bundle = _fake_bundle(tiny)
+    with pytest.raises(NoTissueError):
+        predict_slide(bundle, shared_slide("small.svs"))
+    bundle.manifest.magnification = 40.0  # finer than the CMU slide (20x)
+    try:
+        with pytest.raises(MagnificationUnavailableError, match="upsampling"):
+            predict_slide(bundle, shared_slide("cmu-1-small-region.svs"))
+    finally:
+        bundle.manifest.magnification = 5.0
+    assert bundle.mil.input_devices == []  # refused before anything reached the model
