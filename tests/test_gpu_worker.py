@@ -145,10 +145,29 @@ def test_gpu_worker_manifests_pin_the_device_and_one_child_per_gpu():
     pod = yaml.safe_load((deploy / "k8s" / "worker-gpu.yaml").read_text())
     container = pod["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["LOWMAG_DEVICE"] == "cuda"
+    assert env["LOWMAG_DEVICE"] == "cuda" and env["LOWMAG_PRELOAD_MODELS"] == "true"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["command"][container["command"].index("-c") + 1] == "1"
     compose = yaml.safe_load((deploy / "compose.yaml").read_text())["services"]["worker-gpu"]
     assert compose["environment"]["LOWMAG_DEVICE"] == "cuda"
+    assert compose["environment"]["LOWMAG_PRELOAD_MODELS"] == "true"
     assert compose["command"][compose["command"].index("-c") + 1] == "1"
     assert compose["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 1
+
+
+def test_a_gpu_worker_child_preloads_the_active_models_when_told_to(
+    model_version, cohort_a, fake_gpu_bundle, settings
+):
+    from portal.analyses import tasks
+    from portal.celery import _preload_models
+
+    bundle, loads = fake_gpu_bundle
+    cohort_a.active_model = model_version
+    cohort_a.save(update_fields=["active_model"])
+    settings.LOWMAG_PRELOAD_MODELS = False
+    _preload_models()
+    assert loads == []
+    settings.LOWMAG_PRELOAD_MODELS = True
+    _preload_models()
+    assert len(loads) == 1
+    assert tasks._bundles[model_version.sha256] is bundle

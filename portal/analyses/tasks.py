@@ -61,6 +61,27 @@ def loaded_bundle(model_version: ModelVersion):
         return bundle
 
 
+def preload_active_models() -> int:
+    """Load every model active in some cohort into this process (a gpu worker child at start,
+    with ``LOWMAG_PRELOAD_MODELS``), so the first slide does not wait for it. Returns how many
+    loaded; a model that fails to load is logged and left to fail its jobs with the reason."""
+    from django.db import close_old_connections
+
+    loaded = 0
+    try:
+        versions = list(ModelVersion.objects.filter(active_in_cohorts__isnull=False).distinct())
+    finally:
+        close_old_connections()
+    for version in versions:
+        try:
+            loaded_bundle(version)
+            loaded += 1
+        except Exception:  # noqa: BLE001 - its jobs report the reason
+            log.exception("preloading model %s failed", version)
+    publish_worker_memory()
+    return loaded
+
+
 def _warm_up(bundle) -> None:
     """One tiny batch through the encoder, so the first slide does not pay for kernel setup."""
     size = int(bundle.manifest.patch_size)
