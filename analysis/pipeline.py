@@ -8,6 +8,7 @@ encodes the previous one.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -162,20 +163,29 @@ def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.nda
     return values[:n_classes], values[n_classes:]
 
 
+def reading_defaults(device: str) -> tuple[int, int]:
+    """(encoder batch, reader threads): small batches and 2 readers share a CPU with the
+    encoder; an accelerator wants large batches and as many readers as the host can spare."""
+    if device.split(":")[0] == "cpu":
+        return 64, 2
+    return 512, max(2, min(8, (os.cpu_count() or 2) - 1))
+
+
 def predict_slide(
     bundle: LoadedBundle,
     slide_path: str | Path,
     *,
     mpp: float | None = None,
     min_tissue: float = 0.25,
-    batch_size: int = 64,
-    workers: int = 2,
+    batch_size: int | None = None,
+    workers: int | None = None,
     progress: ProgressCallback | None = None,
     clusters: bool = True,
 ) -> SlidePrediction:
     """Analyse one slide with a loaded bundle. Raises ``AnalysisError`` subclasses on bad input.
 
-    The slide is opened once. With ``clusters=False`` the k-means cluster map is left out of
+    ``batch_size`` and ``workers`` (patch reader threads) default to what suits the encoder's
+    device (``reading_defaults``). The slide is opened once. With ``clusters=False`` the k-means cluster map is left out of
     the path to the result: the prediction keeps its embeddings and the caller runs
     ``compute_clusters()`` after it has stored or sent the prediction.
     """
@@ -186,6 +196,9 @@ def predict_slide(
 
     manifest = bundle.manifest
     magnification = float(manifest.magnification)
+    default_batch, default_workers = reading_defaults(str(bundle.encoder.device))
+    batch_size = batch_size or default_batch
+    workers = workers or default_workers
     clock = _StageClock(progress)
     with clock.stage("open"):
         slide = open_slide(slide_path, mpp=mpp)
