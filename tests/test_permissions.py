@@ -195,7 +195,7 @@ def world(
     draft = Diagnosis.objects.create(case=case_a, author=path_a, call="tumor")
     signed_case = make_case(cohort_a, "A-002")
     signed = Diagnosis.objects.create(case=signed_case, author=path_a, call="tumor")
-    signing.sign(signed, path_a)
+    signing.do_sign(signed, path_a)
     opinion = SecondOpinionRequest.objects.create(case=case_a, reason="?", requested_by=path_a)
     return {
         "cohort": cohort_a,

@@ -11,6 +11,7 @@ from rest_framework.exceptions import APIException
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from portal.reviews import signing
 from portal.reviews.models import ImmutableRowError
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,21 @@ class NotImplementedHere(APIException):
     default_code = "not_implemented"
 
 
+DIAGNOSIS_RULES = {  # the status code of each refusal of portal.reviews.signing
+    signing.DiagnosisConflict: status.HTTP_409_CONFLICT,
+    signing.NotAllowed: status.HTTP_403_FORBIDDEN,
+    signing.StaleRowVersion: status.HTTP_412_PRECONDITION_FAILED,
+    signing.RowVersionRequired: status.HTTP_428_PRECONDITION_REQUIRED,
+    signing.InvalidInput: status.HTTP_400_BAD_REQUEST,
+}
+
+
 def exception_handler(exc, context):
-    """DRF's handler, plus model-level refusals mapped to 4xx instead of 500."""
+    """DRF's handler, plus domain and model-level refusals mapped to 4xx instead of 500."""
+    if isinstance(exc, signing.DiagnosisRuleError):
+        if isinstance(exc, signing.InvalidInput):
+            return Response({exc.field: str(exc)}, status=status.HTTP_400_BAD_REQUEST)
+        return Response({"detail": str(exc)}, status=DIAGNOSIS_RULES[type(exc)])
     if isinstance(exc, ImmutableRowError):
         return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
     if isinstance(exc, IntegrityError):
