@@ -27,6 +27,7 @@ from analysis.slides import Slide as SlideImage
 from analysis.slides import open_slide
 from analysis.tissue import tissue_mask
 from portal.cases.models import Slide
+from portal.cases.signals import slide_ready
 from portal.reviews import audit
 from portal.uploads.archive import UnsafeArchiveError, extract_slide_archive
 from portal.uploads.models import Upload
@@ -58,10 +59,9 @@ def on_upload_complete(upload: Upload) -> Slide:
         shutil.rmtree(slide_folder(slide), ignore_errors=True)
     _audit(upload, slide)
     if slide.is_ready:
-        from portal.analyses.tasks import pretile_slide, request_analysis
-        from portal.core.dispatch import dispatch
+        from portal.analyses.tasks import request_analysis
 
-        dispatch(pretile_slide, slide.pk)  # tiles ready before the pathologist opens the case
+        slide_ready.send(sender=Slide, slide=slide)  # the viewer pre-renders its tiles
         request_analysis(slide)  # queued after commit, with the cohort's active model
     return slide
 
