@@ -92,6 +92,17 @@ class CaseSerializer(serializers.ModelSerializer):
         read_only_fields = ["status", "created_at", "updated_at"]
 
 
+class CaseIdentityAmendSerializer(serializers.Serializer):
+    patient_id = serializers.CharField(max_length=100, required=False)
+    accession_number = serializers.CharField(max_length=100, required=False)
+    reason = serializers.CharField(max_length=2000, help_text="Why the identity is corrected.")
+
+    def validate_reason(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("A correction needs a reason.")
+        return value
+
+
 class SlideSerializer(serializers.ModelSerializer):
     cohort = serializers.IntegerField(source="case.cohort_id", read_only=True)
 
@@ -104,8 +115,9 @@ class SlideSerializer(serializers.ModelSerializer):
 class ModelVersionSerializer(serializers.ModelSerializer):
     class Meta:
         model = ModelVersion
-        fields = "__all__"
-        read_only_fields = [f.name for f in ModelVersion._meta.fields]
+        # The validation report names cases of one cohort: it is shown on the model card only.
+        exclude = ["report"]
+        read_only_fields = [f.name for f in ModelVersion._meta.fields if f.name != "report"]
 
 
 class ActivateModelSerializer(serializers.Serializer):
@@ -114,6 +126,9 @@ class ActivateModelSerializer(serializers.Serializer):
         required=False,
         allow_null=True,
         help_text="Also make this the cohort's model for new analyses.",
+    )
+    reason = serializers.CharField(
+        max_length=2000, help_text="Why this version is activated (kept in the audit trail)."
     )
 
 

@@ -107,7 +107,31 @@ class CaseViewSet(viewsets.ModelViewSet):
         cohort = serializer.validated_data.get("cohort")
         if cohort is not None:
             require_role(self.request.user, cohort.pk, self.write_roles, "move cases into it")
+        frozen = signing.check_identity_frozen(
+            serializer.instance, serializer.validated_data, self.request.user, self.request
+        )
+        if frozen:
+            raise Conflict(
+                f"This case is signed: its {', '.join(sorted(frozen))} cannot change. An admin "
+                "corrects them with POST /api/v1/cases/<id>/amend-identity/ and a reason."
+            )
         serializer.save()
+
+    @extend_schema(
+        request=s.CaseIdentityAmendSerializer,
+        responses={200: s.CaseSerializer, 400: INVALID, 403: DETAIL, 409: DETAIL},
+    )
+    @action(detail=True, methods=["post"], url_path="amend-identity", permission_classes=[IsAdmin])
+    def amend_identity(self, request, pk=None):
+        """Correct a signed case's patient id or accession number (admins; audited)."""
+        case = self.get_object()
+        body = s.CaseIdentityAmendSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        reason = body.validated_data.pop("reason").strip()
+        if not signing.identity_changes(case, body.validated_data):
+            raise Conflict("Nothing to change: give a new patient_id or accession_number.")
+        case = signing.amend_identity(case, request.user, body.validated_data, reason, request)
+        return Response(self.get_serializer(case).data)
 
     def perform_destroy(self, case):
         if not is_admin(self.request.user):
@@ -169,25 +193,34 @@ class ModelVersionViewSet(viewsets.ReadOnlyModelViewSet):
     search_fields = ["name", "version", "task"]
     ordering_fields = ["name", "created_at"]
 
-    @extend_schema(request=s.ActivateModelSerializer, responses=s.ModelVersionSerializer)
+    @extend_schema(
+        request=s.ActivateModelSerializer, responses={200: s.ModelVersionSerializer, 409: DETAIL}
+    )
     @action(detail=True, methods=["post"], permission_classes=[IsAdmin])
     def activate(self, request, pk=None):
-        """Mark the model active; with ``cohort``, also make it that cohort's model."""
+        """Mark the model active; with ``cohort``, also make it that cohort's model.
+
+        Refused (409) when the weights do not verify against their SHA-256 or a demo model
+        would go to a cohort not marked as demo; ``reason`` is required and audited.
+        """
+        from portal.analyses.lifecycle import ActivationError, activate, check_can_activate
+
         model = self.get_object()
         body = s.ActivateModelSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        with transaction.atomic():
-            ModelVersion.objects.filter(pk=model.pk).update(active=True)
-            cohort = body.validated_data.get("cohort")
+        cohort, reason = body.validated_data.get("cohort"), body.validated_data["reason"]
+        try:
             if cohort is not None:
-                Cohort.objects.filter(pk=cohort.pk).update(active_model=model)
-            audit.record(
-                request.user,
-                "model.activate",
-                model,
-                request=request,
-                cohort=getattr(cohort, "pk", None),
-            )
+                activate(model, cohort, request.user, reason, request=request)
+            else:
+                check_can_activate(model, None)
+                with transaction.atomic():
+                    ModelVersion.objects.filter(pk=model.pk).update(active=True)
+                    audit.record(
+                        request.user, "model.activate", model, request=request, reason=reason
+                    )
+        except ActivationError as exc:
+            raise Conflict(str(exc)) from exc
         model.refresh_from_db()
         return Response(self.get_serializer(model).data)
 

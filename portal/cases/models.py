@@ -22,6 +22,8 @@ class Cohort(models.Model):
         on_delete=models.SET_NULL,
         related_name="active_in_cohorts",
     )
+    # A demo cohort may run demo models (labelled "not for diagnosis"); no other cohort may.
+    is_demo = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -190,6 +190,48 @@ def ai_suggestion(case: Case) -> dict | None:
     }
 
 
+# A signed report names the patient and the accession: once any diagnosis is signed these
+# change only through ``amend_identity`` (admins, with a reason, audited).
+IDENTITY_FIELDS = ("cohort", "patient_id", "accession_number")
+
+
+def is_signed(case: Case) -> bool:
+    return Diagnosis.objects.filter(case=case, status=Diagnosis.SIGNED).exists()
+
+
+def identity_changes(case: Case, proposed: dict) -> dict[str, list]:
+    """``{field: [old, new]}`` for the identity fields ``proposed`` would change."""
+    changes = {}
+    for field in IDENTITY_FIELDS:
+        if field not in proposed:
+            continue
+        old = case.cohort_id if field == "cohort" else getattr(case, field)
+        new = getattr(proposed[field], "pk", proposed[field])
+        if old != new:
+            changes[field] = [old, new]
+    return changes
+
+
+def check_identity_frozen(case: Case, proposed: dict, actor, request=None) -> dict[str, list]:
+    """The identity changes refused because the case is signed (audited); empty when allowed."""
+    changes = identity_changes(case, proposed)
+    if not changes or not is_signed(case):
+        return {}
+    audit.record(actor, "case.identity_refused", case, request=request, fields=sorted(changes))
+    return changes
+
+
+@transaction.atomic
+def amend_identity(case: Case, admin, changes: dict, reason: str, request=None) -> Case:
+    """Correct a signed case's patient id or accession number (admins), keeping before/after."""
+    applied = identity_changes(case, changes)
+    for field, (_old, new) in applied.items():
+        setattr(case, field, new)
+    case.save(update_fields=[*applied, "updated_at"])
+    audit.record(admin, "case.identity_amend", case, request=request, reason=reason, **applied)
+    return case
+
+
 def _disagrees(diagnosis: Diagnosis) -> bool:
     suggestion = diagnosis.ai_suggestion
     if not suggestion or not diagnosis.call:

@@ -59,11 +59,31 @@ def on_upload_complete(upload: Upload) -> Slide:
         shutil.rmtree(slide_folder(slide), ignore_errors=True)
     _audit(upload, slide)
     if slide.is_ready:
-        from portal.analyses.tasks import request_analysis
-
-        slide_ready.send(sender=Slide, slide=slide)  # the viewer pre-renders its tiles
-        request_analysis(slide)  # queued after commit, with the cohort's active model
+        _queue_work(slide)
     return slide
+
+
+def ingest_and_analyse(slide_id: int) -> str:
+    """Ingest a stored slide record; once it is ready, queue its analyses. Returns its status."""
+    from portal.analyses import progress
+
+    slide = Slide.objects.select_related("case__cohort").get(pk=slide_id)
+    if slide.status == Slide.Status.INGESTING:
+        slide = ingest_slide(slide)
+    progress.worklist_update(slide.case)
+    if slide.is_ready:
+        _queue_work(slide)
+    return slide.status
+
+
+def _queue_work(slide: Slide) -> None:
+    """A slide became ready: tiles, the active model's analysis and any shadow candidate's."""
+    from portal.analyses.shadow import request_shadow
+    from portal.analyses.tasks import request_analysis
+
+    slide_ready.send(sender=Slide, slide=slide)  # the viewer pre-renders its tiles
+    request_analysis(slide)  # queued after commit, with the cohort's active model
+    request_shadow(slide)  # a candidate in shadow mode analyses it too, out of sight
 
 
 def ingest_slide(slide: Slide) -> Slide:

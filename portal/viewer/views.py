@@ -32,6 +32,10 @@ from portal.reviews import audit
 
 MAX_TOP_K = 100
 REGION_MAX_PX = 512
+# Hard caps on what one region request may read: the level-0 square asked for, and the square
+# actually read at the chosen pyramid level (2048 px RGBA is 16 MB).
+REGION_MAX_L0 = 8192
+REGION_MAX_READ_PX = 2048
 
 login_view = auth_views.LoginView.as_view(
     template_name="viewer/login.html", redirect_authenticated_user=True
@@ -238,19 +242,30 @@ def prediction_top_k(request, prediction_id: int):
     )
 
 
-def _region_jpeg(slide: Slide, l0_xy: tuple[int, int], l0_size: int, out_px: int) -> bytes:
+def _region_read_plan(osr, l0_size: int, out_px: int) -> tuple[int, int]:
+    """(pyramid level, side in that level's pixels) for a square of ``l0_size`` level-0 px."""
+    level = osr.get_best_level_for_downsample(l0_size / out_px)
+    return level, max(1, round(l0_size / osr.level_downsamples[level]))
+
+
+def _region_jpeg(slide: Slide, l0_xy: tuple[int, int], l0_size: int, out_px: int) -> bytes | None:
+    """The region as JPEG, or None when reading it would exceed ``REGION_MAX_READ_PX``."""
     from portal.viewer.tiles import SlideAccess, _deepzoom_for
 
     access = SlideAccess(slide.pk, slide.path, slide.sha256, slide.width, slide.height)
     osr = _deepzoom_for(access).osr
-    level = osr.get_best_level_for_downsample(l0_size / out_px)
-    scale = osr.level_downsamples[level]
-    side = max(1, round(l0_size / scale))
+    level, side = _region_read_plan(osr, l0_size, out_px)
+    if side > REGION_MAX_READ_PX:
+        return None
     image = osr.read_region(l0_xy, level, (side, side)).convert("RGB")
     image = image.resize((out_px, out_px))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
+
+
+def _bad_region(message: str) -> JsonResponse:
+    return JsonResponse({"detail": message}, status=400)
 
 
 @login_required
@@ -262,11 +277,18 @@ def slide_region(request, slide_id: int):
     try:
         x, y, size = (int(float(request.GET[p])) for p in ("x", "y", "size"))
         out_px = min(REGION_MAX_PX, max(16, int(request.GET.get("px", "128"))))
-    except (KeyError, ValueError) as exc:
-        raise Http404("give x, y and size in level-0 pixels") from exc
-    if size <= 0 or not (0 <= x < slide.width and 0 <= y < slide.height):
+    except (KeyError, ValueError, OverflowError):
+        return _bad_region("give x, y and size as level-0 pixel numbers, e.g. ?x=0&y=0&size=512")
+    if not 0 < size <= REGION_MAX_L0:
+        return _bad_region(f"size must be between 1 and {REGION_MAX_L0} level-0 pixels")
+    if not (0 <= x < slide.width and 0 <= y < slide.height):
         raise Http404("the region lies outside the slide")
     body = _region_jpeg(slide, (x, y), size, out_px)
+    if body is None:
+        return _bad_region(
+            f"this slide has no pyramid level coarse enough to read {size} level-0 pixels "
+            f"at {out_px} px; ask for a smaller size"
+        )
     response = HttpResponse(body, content_type="image/jpeg")
     response["Cache-Control"] = "private, max-age=86400"
     return response

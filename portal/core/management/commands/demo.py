@@ -71,6 +71,9 @@ class Command(BaseCommand):
         cohort, _ = Cohort.objects.get_or_create(
             name=COHORT, defaults={"slug": "demo", "required_magnification": 5.0}
         )
+        if not cohort.is_demo:  # the demo cohort runs the demo model (not for diagnosis)
+            Cohort.objects.filter(pk=cohort.pk).update(is_demo=True)
+            cohort.is_demo = True
         Membership.objects.get_or_create(
             user=User.objects.get(username="pathologist"),
             cohort=cohort,
