@@ -21,7 +21,7 @@ COMMAND_MODULES = [
     "analysis.commands.maga",
     "analysis.commands.crossval",
     "analysis.commands.models",
-    "analysis.commands.send",
+    "client.command",  # the hospital side, beside the library
 ]
 
 

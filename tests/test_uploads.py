@@ -14,9 +14,9 @@ import requests
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from client.tus import encode_metadata
 from portal.cases.models import Case, Membership, Slide
 from portal.uploads.models import Upload
-from portal.uploads.tus import encode_metadata
 from tests.conftest import shared_slide
 
 TUS = {"HTTP_TUS_RESUMABLE": "1.0.0"}
