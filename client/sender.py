@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from urllib.parse import urljoin
 import requests
 
 from analysis.errors import AnalysisError
+from analysis.files import sha256_file, write_json_atomic
 from client import tus
 
 UPLOADS_PATH = "api/v1/uploads/"  # relative: a server may live under a path prefix
@@ -177,14 +177,6 @@ def prepare_file(
     return _prepare_export(slide, float(magnification), Path(work_dir), quality, mpp)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(HASH_BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _prepare_export(
     slide: Path, magnification: float, work_dir: Path, quality: int, mpp: float | None
 ) -> PreparedFile:
@@ -203,7 +195,7 @@ def _prepare_export(
         timings["export_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         meta = {
-            "sha256": file_sha256(out),
+            "sha256": sha256_file(out),
             "bytes": result.bytes,
             "mtime_ns": out.stat().st_mtime_ns,
             "export": {
@@ -273,7 +265,7 @@ def _prepare_native(slide: Path, work_dir: Path) -> PreparedFile:
     else:
         path, upload_name = slide, slide.name
     t0 = time.perf_counter()
-    sha256 = file_sha256(path)
+    sha256 = sha256_file(path)
     timings["hash_s"] = time.perf_counter() - t0
     return PreparedFile(
         path=path,
@@ -346,10 +338,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _write_json(path: Path, value: dict) -> None:
     """Atomically: a process killed mid-write leaves the previous record, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, value, indent=1)
 
 
 # -- HTTP ---------------------------------------------------------------------------------------

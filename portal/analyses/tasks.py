@@ -204,10 +204,8 @@ def _case_after_job(job: AnalysisJob) -> None:
 
 
 def _announce_prediction(job: AnalysisJob, prediction: Prediction) -> None:
-    try:
-        from portal.integrations.webhooks import emit
-    except ImportError:
-        return
+    from portal.integrations.webhooks import emit
+
     case = job.slide.case
     emit(
         "prediction.ready",

@@ -372,8 +372,7 @@ def _case_list(training_set, result) -> list[dict[str, Any]]:
 
 
 def _register(bundle_dir: Path, report: dict, training_set, cohort: Cohort) -> ModelVersion:
-    from analysis.bundle import load_manifest
-    from portal.analyses.weights import _weights_sha256
+    from analysis.bundle import load_manifest, weights_sha256
 
     manifest = load_manifest(bundle_dir)
     n_patients, n_slides = len(training_set.patients), len(training_set.cases)
@@ -398,7 +397,7 @@ def _register(bundle_dir: Path, report: dict, training_set, cohort: Cohort) -> M
         magnification=float(manifest.magnification),
         bundle_path=str(bundle_dir),
         manifest=json.loads(json.dumps(asdict(manifest), default=str)),
-        sha256=_weights_sha256(bundle_dir),
+        sha256=weights_sha256(bundle_dir),
         is_demo=manifest.is_demo,
         intended_use=(
             f"Assist the pathologists of cohort '{cohort.name}' with {manifest.task} on 5x "

@@ -3,23 +3,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+
+from analysis.bundle import weights_sha256
 
 
 class ActivationError(Exception):
     """A model cannot be activated (or rolled back); the message says why and what to do."""
-
-
-def _weights_sha256(bundle: Path) -> str:
-    """SHA-256 over the bundle's ``*.safetensors`` in name order (as ``register_model``)."""
-    digest = hashlib.sha256()
-    for file in sorted(bundle.glob("*.safetensors")):
-        digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_problem(model) -> str | None:
@@ -41,7 +31,7 @@ def weights_problem(model) -> str | None:
         verify_bundle(bundle)
     except AnalysisError as exc:
         return f"its weights do not verify ({str(exc).split(': ', 1)[-1]})"
-    if model.sha256 not in (_weights_sha256(bundle), bundle_sha256(bundle)):
+    if model.sha256 not in (weights_sha256(bundle), bundle_sha256(bundle)):
         return (
             "its weights' SHA-256 does not match the one recorded at registration "
             "(the files were replaced); register the new weights as a new version"

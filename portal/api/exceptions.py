@@ -24,25 +24,10 @@ class PreconditionFailed(APIException):
     default_code = "precondition_failed"
 
 
-class PreconditionRequired(APIException):
-    status_code = status.HTTP_428_PRECONDITION_REQUIRED
-    default_detail = (
-        "Send the row_version you read, as an If-Match header or a row_version field, "
-        "so a concurrent change is not overwritten."
-    )
-    default_code = "precondition_required"
-
-
 class Conflict(APIException):
     status_code = status.HTTP_409_CONFLICT
     default_detail = "The request conflicts with the current state of the object."
     default_code = "conflict"
-
-
-class NotImplementedHere(APIException):
-    status_code = status.HTTP_501_NOT_IMPLEMENTED
-    default_detail = "This feature is not installed on this server."
-    default_code = "not_implemented"
 
 
 DIAGNOSIS_RULES = {  # the status code of each refusal of portal.reviews.signing

@@ -28,7 +28,6 @@ from portal.analyses.models import AnalysisJob, ModelVersion, Prediction
 from portal.api import serializers as s
 from portal.api.exceptions import (
     Conflict,
-    NotImplementedHere,
     PreconditionFailed,
 )
 from portal.api.filters import QueryParamFilter
@@ -148,7 +147,6 @@ class CaseViewSet(viewsets.ModelViewSet):
         responses={
             200: OpenApiResponse(description="FHIR R4 DiagnosticReport (JSON)"),
             409: DETAIL,
-            501: DETAIL,
         }
     )
     @action(detail=True, methods=["get"], url_path="fhir")
@@ -157,10 +155,8 @@ class CaseViewSet(viewsets.ModelViewSet):
         case = self.get_object()
         if not case.diagnoses.filter(status=Diagnosis.SIGNED).exists():
             raise Conflict("Only signed cases have a diagnostic report; sign the diagnosis first.")
-        try:
-            from portal.integrations.fhir import diagnostic_report
-        except ImportError as exc:
-            raise NotImplementedHere("FHIR export is not installed on this server.") from exc
+        from portal.integrations.fhir import diagnostic_report
+
         report = diagnostic_report(case)
         audit.record(request.user, "fhir.export", case, request=request)
         return Response(report)

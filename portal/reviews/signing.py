@@ -258,10 +258,8 @@ def _route_disagreement(diagnosis: Diagnosis, request) -> SecondOpinionRequest |
 
 
 def _emit(event: str, diagnosis: Diagnosis) -> None:
-    try:
-        from portal.integrations.webhooks import emit
-    except ImportError:
-        return
+    from portal.integrations.webhooks import emit
+
     case = diagnosis.case
     payload = {
         "case": case.pk,

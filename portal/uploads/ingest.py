@@ -13,7 +13,6 @@ with a reason the uploader can act on. It never deletes anything.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 from django.conf import settings
 
 from analysis.errors import AnalysisError
+from analysis.files import sha256_file
 from analysis.slides import Slide as SlideImage
 from analysis.slides import open_slide
 from analysis.tissue import tissue_mask
@@ -34,14 +34,13 @@ from portal.uploads.models import Upload
 
 logger = logging.getLogger(__name__)
 
-HASH_CHUNK_BYTES = 4 * 1024 * 1024
 THUMBNAIL_SIZE = (1024, 1024)
 ASSET_NAMES = ("label", "macro", "thumbnail")
 
 
 def on_upload_complete(upload: Upload) -> Slide:
     """Turn a fully received upload into a slide (new, or the existing duplicate)."""
-    upload.sha256 = sha256_of(upload.data_path)
+    upload.sha256 = sha256_file(upload.data_path)
     upload.completed = True
     duplicate = _ready_duplicate(upload)
     if duplicate is not None:
@@ -111,14 +110,6 @@ def ingest_slide(slide: Slide) -> Slide:
 def slide_folder(slide: Slide) -> Path:
     """The slide's own folder, ``<SLIDE_DIR>/<slide id>``."""
     return Path(settings.SLIDE_DIR) / str(slide.pk)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def max_unzipped_bytes() -> int:

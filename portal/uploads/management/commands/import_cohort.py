@@ -18,8 +18,9 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils.text import slugify
 
+from analysis.files import sha256_file
 from portal.cases.models import Case, Cohort, Slide
-from portal.uploads.ingest import ingest_slide, sha256_of
+from portal.uploads.ingest import ingest_slide
 
 
 def find_slide_file(folder: Path, slide_id: str) -> Path | None:
@@ -97,7 +98,7 @@ class Command(BaseCommand):
             case=case,
             original_name=source.name,
             file=str(relative),
-            sha256=sha256_of(source) if source.is_file() else "",
+            sha256=sha256_file(source) if source.is_file() else "",
             size_bytes=source.stat().st_size if source.is_file() else 0,
             status=Slide.Status.INGESTING,
         )
