@@ -133,7 +133,9 @@ def test_train_validate_shadow_activate_and_roll_back(
     assert report["auc_pooled"] == pytest.approx(auc_score(labels, probs), abs=1e-5)
     low, high = report["auc_pooled_ci"]
     assert low <= report["auc_pooled"] <= high
-    predicted = (probs[:, 1] >= report["threshold"]).astype(int)
+    assert report["positive_class"] == "lesion"  # the finding, not "normal"
+    pos = classes.index("lesion")
+    predicted = np.where(probs[:, pos] >= report["threshold"], pos, 1 - pos)
     expected = [[int(((labels == t) & (predicted == p)).sum()) for p in (0, 1)] for t in (0, 1)]
     assert report["confusion_matrix"] == expected and sum(map(sum, expected)) == N_CASES
     for name in ("roc.png", "calibration.png"):

@@ -276,7 +276,7 @@ def _train(run: TrainingRun, work: Path) -> ModelVersion:
         dict(options["mil_config"]),
         train_cfg,
         folds=int(options["folds"]),
-        out_dir=work / "crossval",
+        out_dir=None,  # the validation report below draws its own ROC
         classes=classes,
         n_bootstrap=int(options["bootstrap"]),
         split_seed=int(options["seed"]),
