@@ -26,8 +26,7 @@ def slide_folder(tmp_path):
     return folder, labels
 
 
-def test_import_cohort_creates_cases_per_patient_and_links_slides(slide_folder, settings, tmp_path):
-    settings.SLIDE_DIR = tmp_path / "slides"
+def test_import_cohort_creates_cases_per_patient_and_links_slides(slide_folder, storage):
     folder, labels = slide_folder
     out = StringIO()
     call_command(
@@ -48,7 +47,7 @@ def test_import_cohort_creates_cases_per_patient_and_links_slides(slide_folder, 
     assert "0 slides imported, 3 already present" in out.getvalue()
 
 
-def test_import_cohort_ingests_each_slide(slide_folder, settings, tmp_path, monkeypatch):
+def test_import_cohort_ingests_each_slide(slide_folder, storage, monkeypatch):
     def ingest_slide(slide):
         slide.status = "ready"
         slide.save()
@@ -57,7 +56,6 @@ def test_import_cohort_ingests_each_slide(slide_folder, settings, tmp_path, monk
     monkeypatch.setattr(
         "portal.uploads.management.commands.import_cohort.ingest_slide", ingest_slide
     )
-    settings.SLIDE_DIR = tmp_path / "slides"
     folder, labels = slide_folder
     call_command(
         "import_cohort", str(folder), "--labels", str(labels), "--cohort", "C", stdout=StringIO()
@@ -65,8 +63,7 @@ def test_import_cohort_ingests_each_slide(slide_folder, settings, tmp_path, monk
     assert set(Slide.objects.values_list("status", flat=True)) == {"ready"}
 
 
-def test_import_cohort_names_a_missing_slide(slide_folder, settings, tmp_path):
-    settings.SLIDE_DIR = tmp_path / "slides"
+def test_import_cohort_names_a_missing_slide(slide_folder, storage):
     folder, labels = slide_folder
     (folder / "P002-S1.tiff").unlink()
     with pytest.raises(CommandError, match="P002-S1"):
