@@ -72,7 +72,9 @@ def run(n_cases: int, tmp: Path, side: int) -> dict:
     for i in range(n_cases):
         patient = i % n_patients
         label = "lesion" if patient % 2 else "normal"
-        case = _case(model_cohort, cohort, f"B-{i:04d}", f"P{patient:04d}", label, i, side)
+        case = _case(
+            model_cohort, cohort, f"B-{i:04d}", f"P{patient:04d}", label, n_cases * 10_000 + i, side
+        )
         make_prediction(case.slides.get(), baseline, label, float(rng.uniform(0.55, 0.95)))
         model_cohort.sign(case, pathologist, label)
     setup_s = time.perf_counter() - start
