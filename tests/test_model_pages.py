@@ -111,3 +111,9 @@ def test_the_training_page_refuses_bad_input_and_is_for_admins(
     assert "YYYY-MM-DD" in page.content.decode()
     assert _client(path_a).get(url).status_code == 403
     assert _client(path_b).get(url).status_code == 404
+
+
+def test_a_demo_models_card_says_not_for_diagnosis(admin_user, model_version):
+    page = _client(admin_user).get(f"/models/{model_version.pk}/").content.decode()
+    assert "Demo model, not for diagnosis." in page
+    assert "cannot be activated: its weights are missing" in page
