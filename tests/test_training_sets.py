@@ -174,3 +174,14 @@ def test_maga_on_5x_only_slides_fails_the_run_with_the_reason(
     run = TrainingRun.objects.get()
     assert run.state == "failed" and "cannot read at 20x" in run.error, run.error
     assert not ModelVersion.objects.exclude(pk=model.pk).exists()
+
+
+def test_training_and_shadow_runs_go_to_the_gpu_queue():
+    from portal.analyses.shadow import run_shadow
+    from portal.analyses.training import run_training
+    from portal.celery import app
+
+    for task in (run_training, run_shadow):
+        assert task.name in app.tasks  # registered where workers look (app ready)
+        route = app.amqp.router.route({}, task.name, args=(1,), kwargs={})
+        assert route["queue"].name == "gpu"
