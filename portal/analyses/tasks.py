@@ -251,10 +251,8 @@ def _case_after_job(job: AnalysisJob) -> None:
 
 
 def _announce_prediction(job: AnalysisJob, prediction: Prediction) -> None:
-    try:
-        from portal.integrations.webhooks import emit
-    except ImportError:
-        return
+    from portal.integrations.webhooks import emit
+
     case = job.slide.case
     emit(
         "prediction.ready",
@@ -279,38 +277,3 @@ def cancel_job(job: AnalysisJob) -> bool:
         return False
     live.job_update(job.pk, {"state": AnalysisJob.State.CANCELLED})
     return True
-
-
-@shared_task(acks_late=True, ignore_result=True)
-def pretile_slide(slide_id: int) -> int:
-    """Pre-render the slide's DeepZoom tiles (coarse levels first) into its folder."""
-    from portal.cases.models import Slide
-    from portal.viewer.tiles import pretile
-
-    slide = Slide.objects.filter(pk=slide_id, status=Slide.Status.READY).first()
-    if slide is None:
-        return 0
-    try:
-        return pretile(slide.path)
-    except Exception as exc:  # noqa: BLE001 - tiles then render on demand, as without it
-        log.warning("pre-rendering tiles of slide %s failed: %s", slide_id, exc)
-        return 0
-
-
-@shared_task(bind=True, acks_late=True, max_retries=3, retry_backoff=2)
-def ingest_and_analyse(self, slide_id: int) -> str:
-    """Ingest an uploaded slide; when it is ready, analyse it with its cohort's active model."""
-    from portal.cases.models import Slide
-    from portal.uploads.ingest import ingest_slide
-
-    slide = Slide.objects.select_related("case__cohort").get(pk=slide_id)
-    if slide.status == "ingesting":
-        slide = ingest_slide(slide)
-    live.worklist_update(slide.case)
-    if slide.status == "ready":
-        dispatch(pretile_slide, slide.pk)
-        request_analysis(slide)
-        from portal.analyses.shadow import request_shadow
-
-        request_shadow(slide)  # a candidate in shadow mode analyses it too, out of sight
-    return slide.status
