@@ -145,7 +145,7 @@ def cluster_instances(
 def _kmeans_torch(
     features: np.ndarray, k: int, seed: int, max_dims: int, device: str, iterations: int = 50
 ) -> np.ndarray:
-    """PCA (top singular vectors) then Lloyd's k-means with k-means++ seeding, in torch on
+    """PCA (top eigenvectors of the covariance) then Lloyd's k-means with k-means++ seeding, in torch on
     ``device``; (N,) int64 labels back on the CPU."""
     import torch
 
@@ -153,8 +153,8 @@ def _kmeans_torch(
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)  # (N, D)
     x = x - x.mean(dim=0, keepdim=True)
     dims = min(max_dims, x.shape[0], x.shape[1])
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)  # (min(N, D), D)
-    z = x @ vh[:dims].T  # (N, dims)
+    _, vectors = torch.linalg.eigh(x.T @ x)  # (D, D), eigenvalues ascending: no (N, N) memory
+    z = x @ vectors[:, -dims:].flip(1)  # (N, dims) principal components
     n = z.shape[0]
     first = int(torch.randint(n, (1,), generator=generator))
     centres = z[first : first + 1]  # (1, dims)
