@@ -145,8 +145,8 @@ def cluster_instances(
 def _kmeans_torch(
     features: np.ndarray, k: int, seed: int, max_dims: int, device: str, iterations: int = 50
 ) -> np.ndarray:
-    """PCA (top eigenvectors of the covariance) then Lloyd's k-means with k-means++ seeding, in torch on
-    ``device``; (N,) int64 labels back on the CPU."""
+    """PCA (top eigenvectors of the covariance), then Lloyd's k-means with k-means++ seeding,
+    in torch on ``device``; (N,) int64 labels back on the CPU."""
     import torch
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
