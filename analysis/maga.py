@@ -493,6 +493,7 @@ def train_maga(
     }
     if rank == 0:
         _write_json(out_dir / "maga.json", summary)
+    _slides_of_this_process().clear()  # slides opened here (workers=0) are closed again
     return MagaResult(student_path, teacher_source, history, alignment, student.eval())
 
 
