@@ -447,16 +447,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state dict strictly; a full ResNet50 file may load into ``ResNet50Trunc``.
 
-    Keys ``layer4.*``, ``fc.*`` and ``head.*`` are dropped when the model has no such modules
-    (torchvision ImageNet files into the truncated network, classifier heads of ViT files). ``num_batches_tracked`` may be absent (old
-    torchvision files). Anything else missing or unexpected, or any shape mismatch, raises
+    Keys ``layer4.*``, ``fc.*``, ``head.*`` and ``mask_token`` are dropped when the model has no
+    such modules (torchvision ImageNet files into the truncated network, classifier heads and
+    masked-pretraining tokens of ViT files). ``num_batches_tracked`` may be absent (old
+    torchvision files). A Hugging Face ViT file (Phikon) is renamed to timm's layout first. Anything else missing or unexpected, or any shape mismatch, raises
     ``WeightsMismatchError`` naming the keys.
     """
     state = read_state_dict(path)
     own = model.state_dict()
     if isinstance(model, VisionTransformer) and any(k.startswith(HF_VIT_KEYS) for k in state):
         state = hf_vit_to_timm(state)  # a Hugging Face ViTModel file (Phikon)
-    for prefix in ("layer4.", "fc.", "head."):
+    for prefix in ("layer4.", "fc.", "head.", "mask_token"):  # mask_token: masked pretraining
         if not any(k.startswith(prefix) for k in own):
             state = {k: v for k, v in state.items() if not k.startswith(prefix)}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
