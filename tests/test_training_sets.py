@@ -185,3 +185,39 @@ def test_training_and_shadow_runs_go_to_the_gpu_queue():
         assert task.name in app.tasks  # registered where workers look (app ready)
         route = app.amqp.router.route({}, task.name, args=(1,), kwargs={})
         assert route["queue"].name == "gpu"
+
+
+def test_build_training_set_writes_what_crossval_reads(path_a, cohort_a, tmp_path, settings):
+    from django.core.management import CommandError, call_command
+
+    from analysis.commands.crossval import load_bags
+    from portal.analyses.models import ModelVersion
+    from tests.model_cohort import CLASSES
+
+    settings.SLIDE_DIR = tmp_path / "slides"
+    model = ModelVersion.objects.create(
+        name="shown", version="1", task="t", classes=CLASSES, magnification=5.0, sha256="1" * 64
+    )
+    for i in range(11):  # P0 has two cases
+        _signed(cohort_a, model, path_a, f"R-{i}", f"P{i % 10}", CLASSES[i % 10 % 2], real=True)
+    today = timezone.localdate().isoformat()
+    out = tmp_path / "set"
+    args = [cohort_a.slug, "--from", today, "--to", today, "--out", str(out)]
+    call_command("build_training_set", *args, "--encoder", "vit_tiny")
+    bags, classes = load_bags(out / "features", out / "labels.csv")
+    assert classes == CLASSES and len(bags) == 11
+    assert len({b.patient_id for b in bags}) == 10
+    with pytest.raises(CommandError, match="not empty"):
+        call_command("build_training_set", *args)
+    with pytest.raises(CommandError, match="has 0 patients|no usable signed cases"):
+        call_command(
+            "build_training_set",
+            cohort_a.slug,
+            "--from",
+            "2001-01-01",
+            "--to",
+            "2001-01-02",
+            "--out",
+            str(tmp_path / "other"),
+        )
+    assert not (tmp_path / "other").exists()
