@@ -37,6 +37,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from analysis.files import write_markdown_section  # noqa: E402
 from analysis.synth import write_synthetic_slide  # noqa: E402
 from client.sender import (  # noqa: E402
     PreparedFile,
@@ -345,14 +346,7 @@ def update_readme(table: str, command: str) -> None:
         + table
         + "\n"
     )
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end + 1 :] if end != -1 else "")
-    README.write_text(text)
+    write_markdown_section(README, SECTION, body)
 
 
 # -- main ------------------------------------------------------------------------------------------
