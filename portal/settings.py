@@ -188,6 +188,10 @@ LOWMAG_TASK_MODE = env_str("LOWMAG_TASK_MODE")  # celery | thread | sync; see po
 
 # Torch threads per worker process (1 is sane per Celery child on small machines).
 LOWMAG_TORCH_THREADS = env_int("LOWMAG_TORCH_THREADS", 0)
+# Torch device of analysis workers: empty/auto = cuda when present, else cpu (analysis.devices).
+LOWMAG_DEVICE = env_str("LOWMAG_DEVICE", "")
+# A worker child loads the active models when it starts (set for the gpu queue's workers).
+LOWMAG_PRELOAD_MODELS = env_bool("LOWMAG_PRELOAD_MODELS", False)
 LOWMAG_MAX_UPLOAD_BYTES = env_int("LOWMAG_MAX_UPLOAD_BYTES", 20 * 1024**3)
 
 # Security: off by default (plain HTTP on localhost); production values in deploy/SETTINGS.md.
