@@ -39,13 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.files import write_markdown_section  # noqa: E402
 from analysis.synth import write_synthetic_slide  # noqa: E402
-from client.sender import (  # noqa: E402
-    PreparedFile,
-    Target,
-    TransferOptions,
-    TusUploader,
-    prepare_file,
-)
+from client.prepare import PreparedFile, prepare_file  # noqa: E402
+from client.sender import Target, TransferOptions, TusUploader  # noqa: E402
 
 OUT_DIR = ROOT / "benchmarks" / "out"
 README = ROOT / "benchmarks" / "README.md"
