@@ -57,6 +57,7 @@ def on_upload_complete(upload: Upload) -> Slide:
     if slide.status == "failed":
         shutil.rmtree(slide_folder(slide), ignore_errors=True)
     _audit(upload, slide)
+    _note_addendum(slide)
     if slide.status == "ready":
         from portal.analyses.tasks import pretile_slide, request_analysis
         from portal.core.dispatch import dispatch
@@ -64,6 +65,20 @@ def on_upload_complete(upload: Upload) -> Slide:
         dispatch(pretile_slide, slide.pk)  # tiles ready before the pathologist opens the case
         request_analysis(slide)  # queued after commit, with the cohort's active model
     return slide
+
+
+def _note_addendum(slide: Slide) -> None:
+    """A slide arriving on a signed case is an addendum: the signed report stays as signed."""
+    from portal.reviews.models import Diagnosis
+
+    if Diagnosis.objects.filter(case=slide.case_id, status=Diagnosis.SIGNED).exists():
+        audit.record(
+            None,
+            "slide.addendum",
+            slide,
+            case=slide.case,
+            note="arrived after sign-off; the signed report changes only through an amendment",
+        )
 
 
 def ingest_slide(slide: Slide) -> Slide:
