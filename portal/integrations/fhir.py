@@ -65,7 +65,7 @@ def diagnostic_report(case: Case) -> dict:
     # Only what the pathologist saw when signing: a slide or analysis that arrives later is an
     # addendum, reported when the diagnosis is amended, never slipped into this report.
     predictions = list(
-        Prediction.objects.filter(slide__case=case, pk__in=_signed_prediction_ids(diagnosis))
+        _signed_predictions(diagnosis, case)
         .select_related("model_version", "slide")
         .order_by("slide_id", "id")
     )
@@ -95,10 +95,14 @@ def diagnostic_report(case: Case) -> dict:
     return report
 
 
-def _signed_prediction_ids(diagnosis: Diagnosis) -> list[int]:
-    """The predictions snapshotted into the diagnosis' AI suggestion when it was signed."""
-    suggestion = diagnosis.ai_suggestion or {}
-    return [s["prediction"] for s in suggestion.get("slides", []) if "prediction" in s]
+def _signed_predictions(diagnosis: Diagnosis, case: Case):
+    """The predictions the signer saw: the diagnosis' AI snapshot, or (for a diagnosis signed
+    without one) those that existed when it was signed."""
+    predictions = Prediction.objects.filter(slide__case=case)
+    if diagnosis.ai_suggestion is None:
+        return predictions.filter(created_at__lte=diagnosis.signed_at)
+    slides = diagnosis.ai_suggestion.get("slides", [])
+    return predictions.filter(pk__in=[s["prediction"] for s in slides if "prediction" in s])
 
 
 def _accession_identifier(case: Case) -> dict:
