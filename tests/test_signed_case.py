@@ -113,3 +113,52 @@ def test_a_slide_uploaded_after_sign_off_leaves_the_signed_report_byte_for_byte(
     assert report["status"] == "amended"
     assert len(report["result"]) == 2
     assert "late.svs" in report["contained"][1]["note"][0]["text"]
+
+
+POINT = {"type": "Point", "coordinates": [10, 20]}
+
+
+def test_annotations_of_a_signed_case_are_locked_for_every_kind_of_change(
+    api_client_for, path_a, slide_a
+):
+    from portal.reviews import signing
+
+    client = api_client_for(path_a)
+    client.default_format = "json"
+    created = client.post("/api/v1/annotations/", {"slide": slide_a.pk, "geometry": POINT})
+    assert created.status_code == 201 and created.json()["locked"] is None
+    url = f"/api/v1/annotations/{created.json()['id']}/"
+    draft = Diagnosis.objects.create(case=slide_a.case, author=path_a, call="tumor", version=1)
+    signing.sign(draft, path_a)
+
+    refused = [
+        client.post("/api/v1/annotations/", {"slide": slide_a.pk, "geometry": POINT}),
+        client.patch(url, {"name": "changed"}),
+        client.put(url, {"slide": slide_a.pk, "geometry": POINT}),
+        client.delete(url),
+        client.post(
+            f"/api/v1/annotations/import/?slide={slide_a.pk}",
+            {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": POINT}]},
+        ),
+    ]
+    assert [r.status_code for r in refused] == [409] * 5
+    assert all("signed" in r.json()["detail"] for r in refused)
+    shown = client.get(url).json()
+    assert shown["locked"] == signing.ANNOTATIONS_LOCKED and shown["name"] == ""
+    assert client.get("/api/v1/annotations/").json()["results"][0]["locked"]
+
+
+def test_every_annotation_change_is_audited(api_client_for, path_a, slide_a):
+    client = api_client_for(path_a)
+    client.default_format = "json"
+    created = client.post("/api/v1/annotations/", {"slide": slide_a.pk, "geometry": POINT})
+    url = f"/api/v1/annotations/{created.json()['id']}/"
+    assert client.patch(url, {"name": "renamed"}).status_code == 200
+    assert client.delete(url).status_code == 204
+    events = AuditEvent.objects.filter(object_type="reviews.annotation").order_by("id")
+    assert [(e.action, e.details["version"]) for e in events] == [
+        ("annotation.create", 1),
+        ("annotation.update", 2),
+        ("annotation.delete", 3),
+    ]
+    assert {e.case_id for e in events} == {slide_a.case_id}

@@ -217,10 +217,23 @@ class AnnotationSerializer(serializers.ModelSerializer):
             "classification",
             "version",
             "deleted",
+            "locked",
             "created_at",
             "updated_at",
         ]
         read_only_fields = ["version", "deleted", "created_at", "updated_at"]
+
+    locked = serializers.SerializerMethodField(
+        help_text="null, or why the annotation cannot change (its case is signed)."
+    )
+
+    def get_locked(self, annotation: Annotation) -> str | None:
+        from portal.reviews.signing import ANNOTATIONS_LOCKED, is_signed
+
+        signed = getattr(annotation, "case_signed", None)
+        if signed is None:
+            signed = is_signed(annotation.slide.case)
+        return ANNOTATIONS_LOCKED if signed else None
 
     def to_representation(self, annotation: Annotation) -> dict:
         data = super().to_representation(annotation)

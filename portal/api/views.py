@@ -323,12 +323,31 @@ class AnnotationViewSet(viewsets.ModelViewSet):
     ordering_fields = ["created_at", "updated_at"]
 
     def get_queryset(self):
-        annotations = Annotation.objects.select_related("author", "slide")
+        annotations = Annotation.objects.select_related("author", "slide").annotate(
+            case_signed=signing.signed_case_exists(models.OuterRef("slide__case"))
+        )
         if self.action == "list" and self.request.query_params.get("include_deleted") != "true":
             annotations = annotations.filter(deleted=False)
         return visible(annotations, self.request.user, "slide__case__cohort")
 
+    @staticmethod
+    def _check_unlocked(slide: Slide) -> None:
+        if signing.is_signed(slide.case_id):
+            raise Conflict(signing.ANNOTATIONS_LOCKED)
+
+    def _audit(self, action: str, annotation: Annotation) -> None:
+        audit.record(
+            self.request.user,
+            action,
+            annotation,
+            case=annotation.slide.case,
+            request=self.request,
+            slide=annotation.slide_id,
+            version=annotation.version,
+        )
+
     def _check_author(self, annotation: Annotation) -> None:
+        self._check_unlocked(annotation.slide)
         if annotation.author_id != self.request.user.pk and not is_admin(self.request.user):
             raise PermissionDenied("Only the annotation's author (or an admin) can change it.")
         if annotation.deleted:
@@ -343,15 +362,18 @@ class AnnotationViewSet(viewsets.ModelViewSet):
     def perform_create(self, serializer):
         slide = serializer.validated_data["slide"]
         require_role(self.request.user, slide.case.cohort_id, self.write_roles, "annotate")
+        self._check_unlocked(slide)
         with transaction.atomic():
             annotation = serializer.save(author=self.request.user)
             annotation.snapshot(self.request.user)
+            self._audit("annotation.create", annotation)
 
     def perform_update(self, serializer):
         self._check_author(serializer.instance)
         with transaction.atomic():
             annotation = serializer.save(version=serializer.instance.version + 1)
             annotation.snapshot(self.request.user)
+            self._audit("annotation.update", annotation)
 
     def perform_destroy(self, annotation):
         self._check_author(annotation)
@@ -360,6 +382,7 @@ class AnnotationViewSet(viewsets.ModelViewSet):
             annotation.version += 1
             annotation.save(update_fields=["deleted", "version", "updated_at"])
             annotation.snapshot(self.request.user)
+            self._audit("annotation.delete", annotation)
 
     @extend_schema(responses=s.AnnotationVersionSerializer(many=True))
     @action(detail=True, methods=["get"], pagination_class=None, filter_backends=[])
@@ -386,6 +409,7 @@ class AnnotationViewSet(viewsets.ModelViewSet):
         """Create one annotation per feature of a GeoJSON FeatureCollection (all or nothing)."""
         slide = self._slide_from_query()
         require_role(request.user, slide.case.cohort_id, self.write_roles, "annotate")
+        self._check_unlocked(slide)
         bounds = (slide.width, slide.height) if slide.width else None
         try:
             parsed = [
