@@ -189,6 +189,9 @@ LOWMAG_TASK_MODE = env_str("LOWMAG_TASK_MODE")  # celery | thread | sync; see po
 LOWMAG_TORCH_THREADS = env_int("LOWMAG_TORCH_THREADS", 0)
 LOWMAG_MAX_UPLOAD_BYTES = env_int("LOWMAG_MAX_UPLOAD_BYTES", 20 * 1024**3)
 
+# Webhook receivers on internal addresses, allowed on purpose (host names, IPs, networks).
+LOWMAG_WEBHOOK_ALLOWED_HOSTS = env_list("LOWMAG_WEBHOOK_ALLOWED_HOSTS", [])
+
 # Security: off by default (plain HTTP on localhost); production values in deploy/SETTINGS.md.
 # TLS ends at nginx or the ingress, which sets X-Forwarded-Proto.
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
