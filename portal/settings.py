@@ -8,6 +8,7 @@ the portal runs embedded: SQLite and local files under ``LOWMAG_DATA_DIR`` (defa
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 from portal.env import database_from_url, env_bool, env_int, env_list, env_str
@@ -47,6 +48,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "channels",
+    "axes",
     "portal.core",
     "portal.cases",
     "portal.analyses",
@@ -66,7 +68,23 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "portal.core.middleware.SecurityHeadersMiddleware",
+    "axes.middleware.AxesMiddleware",
 ]
+
+# Repeated wrong passwords lock the account (django-axes; portal.core.throttle audits them):
+# page, admin and API logins and the signing password all count.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("LOWMAG_LOGIN_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOWMAG_LOGIN_LOCKOUT_MINUTES", 30))
+AXES_LOCKOUT_PARAMETERS = ["username"]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "portal.core.throttle.lockout_response"
+AXES_VERBOSE = False
+# Locking by user name alone is deliberate: a hospital's clients share a few NAT addresses.
+SILENCED_SYSTEM_CHECKS = ["axes.W006"]
 
 ROOT_URLCONF = "portal.urls"
 WSGI_APPLICATION = "portal.wsgi.application"
@@ -136,6 +154,7 @@ REST_FRAMEWORK = {
         "rest_framework.filters.OrderingFilter",
     ],
     "EXCEPTION_HANDLER": "portal.api.exceptions.exception_handler",
+    "DEFAULT_THROTTLE_RATES": {"wrong_token": env_str("LOWMAG_WRONG_TOKEN_RATE", "20/min")},
 }
 
 SPECTACULAR_SETTINGS = {

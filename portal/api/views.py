@@ -20,8 +20,9 @@ from drf_spectacular.utils import (
     inline_serializer,
 )
 from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.exceptions import PermissionDenied, Throttled, ValidationError
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -547,7 +548,13 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
         diagnosis.delete()
 
     def _check_password(self, password: str) -> None:
-        if not self.request.user.check_password(password):
+        """The signer's own password; wrong ones count towards the account's lockout."""
+        user = self.request.user
+        http_request = self.request._request
+        checked = authenticate(http_request, username=user.get_username(), password=password)
+        if getattr(http_request, "axes_locked_out", False):
+            raise Throttled(detail="Too many wrong passwords: this account is locked for now.")
+        if checked is None or checked.pk != user.pk:
             raise PermissionDenied("The password is not correct; signing needs your own password.")
 
     @extend_schema(
@@ -559,13 +566,13 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
         """Sign a draft (re-enter your password). Signed diagnoses never change again."""
         body = s.SignSerializer(data=request.data)
         body.is_valid(raise_exception=True)
+        self._check_password(body.validated_data["password"])  # a failure must be kept
         with transaction.atomic():
             diagnosis = self.get_object()
             diagnosis = Diagnosis.objects.select_for_update().get(pk=diagnosis.pk)
             require_role(request.user, diagnosis.case.cohort_id, self.write_roles, "sign diagnoses")
             if diagnosis.is_signed:
                 raise Conflict("This diagnosis is already signed.")
-            self._check_password(body.validated_data["password"])
             expected = _expected_version(request)
             if expected is not None and expected != diagnosis.row_version:
                 raise PreconditionFailed(
@@ -584,6 +591,7 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
         """Amend a signed diagnosis: a new signed version with your reason, linked to this one."""
         body = s.AmendSerializer(data=request.data)
         body.is_valid(raise_exception=True)
+        self._check_password(body.validated_data.pop("password"))  # a failure must be kept
         with transaction.atomic():
             previous = self.get_object()
             require_role(request.user, previous.case.cohort_id, self.write_roles, "amend diagnoses")
@@ -594,7 +602,6 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
             ]
             if previous.version != latest:
                 raise Conflict(f"Version {previous.version} is superseded; amend version {latest}.")
-            self._check_password(body.validated_data.pop("password"))
             reason = body.validated_data.pop("reason").strip()
             if not reason:
                 raise ValidationError({"reason": "An amendment needs a reason."})
@@ -750,16 +757,29 @@ class AuditEventViewSet(viewsets.ReadOnlyModelViewSet):
 
 
 class LoginView(APIView):
-    """Session login for the browser: JSON ``{username, password}``; sets the session cookie."""
+    """Session login for the browser: JSON ``{username, password}``; sets the session cookie.
+
+    Like every unsafe request with a session, it needs the CSRF token: ``GET`` this endpoint
+    first for the ``csrftoken`` cookie and send it back as ``X-CSRFToken``.
+    """
 
     permission_classes = [AllowAny]
     authentication_classes: list = []
 
-    @extend_schema(request=s.LoginSerializer, responses={200: s.MeSerializer, 400: INVALID})
+    @extend_schema(request=None, responses={200: DETAIL})
+    def get(self, request):
+        get_token(request)
+        return Response({"detail": "CSRF cookie set; POST username and password with X-CSRFToken."})
+
+    @extend_schema(
+        request=s.LoginSerializer,
+        responses={200: s.MeSerializer, 400: INVALID, 403: DETAIL, 429: DETAIL},
+    )
     def post(self, request):
+        SessionAuthentication().enforce_csrf(request)
         body = s.LoginSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        user = authenticate(request, **body.validated_data)
+        user = authenticate(request._request, **body.validated_data)
         if user is None:
             raise ValidationError({"detail": "Invalid username or password."})
         login(request, user)
