@@ -193,6 +193,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
 CELERY_TASK_ROUTES = {
     "portal.analyses.tasks.run_analysis": {"queue": "gpu"},
+    "portal.analyses.training.run_training": {"queue": "gpu"},
+    "portal.analyses.shadow.run_shadow": {"queue": "gpu"},
     "portal.analyses.tasks.*": {"queue": "cpu"},
     "portal.uploads.tasks.*": {"queue": "cpu"},
     "portal.integrations.tasks.*": {"queue": "cpu"},

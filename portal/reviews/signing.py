@@ -8,7 +8,7 @@ from django.db import transaction
 from django.db.models import Exists, Max
 from django.utils import timezone
 
-from portal.analyses.models import Prediction
+from portal.analyses.calls import call_of, latest_predictions
 from portal.cases.models import Case
 from portal.reviews import audit
 from portal.reviews.models import Diagnosis, SecondOpinionRequest
@@ -21,11 +21,9 @@ def ai_suggestion(case: Case) -> dict | None:
 
     The case-level call is the most confident of those slide predictions.
     """
-    latest: dict[int, Prediction] = {}
-    predictions = Prediction.objects.filter(slide__case=case).select_related("model_version")
-    for p in predictions.order_by("-created_at", "-id"):
-        latest.setdefault(p.slide_id, p)
-    if not latest:
+    latest = latest_predictions([case.pk]).get(case.pk, [])
+    top = call_of(latest)
+    if top is None:
         return None
     slides = [
         {
@@ -37,13 +35,12 @@ def ai_suggestion(case: Case) -> dict | None:
             "confidence": p.confidence,
             "probabilities": p.probabilities,
         }
-        for p in sorted(latest.values(), key=lambda p: p.slide_id)
+        for p in latest
     ]
-    top = max(slides, key=lambda s: s["confidence"])
     return {
-        "predicted_class": top["predicted_class"],
-        "confidence": top["confidence"],
-        "model": top["model"],
+        "predicted_class": top.predicted_class,
+        "confidence": top.confidence,
+        "model": str(top.model_version),
         "slides": slides,
     }
 
@@ -153,7 +150,7 @@ def _seal(diagnosis: Diagnosis, signer) -> None:
     diagnosis.signed_at = timezone.now()
     diagnosis.content_hash = diagnosis.compute_content_hash()
     diagnosis.save()
-    Case.objects.filter(pk=diagnosis.case_id).update(status="signed", updated_at=timezone.now())
+    diagnosis.case.mark_signed()
 
 
 @transaction.atomic

@@ -17,18 +17,18 @@ import numpy as np
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.staticfiles import finders
-from django.db.models import Q
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from analysis.heatmap import colormap_lut
+from portal.analyses.calls import ai_call, ai_calls
 from portal.analyses.models import AnalysisJob, Prediction
-from portal.api.permissions import PATHOLOGIST, is_admin, role_in, visible
+from portal.cases import worklist as worklists
+from portal.cases.access import PATHOLOGIST, is_admin, role_in, visible
 from portal.cases.models import Case, Cohort, Slide
 from portal.reviews import audit
-from portal.reviews.models import Diagnosis
 
 MAX_TOP_K = 100
 REGION_MAX_PX = 512
@@ -45,49 +45,28 @@ logout_view = auth_views.LogoutView.as_view(next_page="/login/")
 
 # ---------------------------------------------------------------- worklist
 
-QUEUES = {
-    "unsigned": "Not yet signed",
-    "mine": "My drafts",
-    "signed": "Signed",
-    "all": "All cases",
-}
-PRIORITY_RANK = {"frozen": 0, "urgent": 1, "routine": 2}
+WORKLIST_ROWS = 500  # the page lists this many cases of the worklist, most urgent first
 
 
-def _ai_calls(case_ids: list[int]) -> dict[int, Prediction]:
-    """The most confident of each case's latest per-slide predictions (the case's AI call)."""
-    latest: dict[int, Prediction] = {}
-    predictions = Prediction.objects.filter(slide__case_id__in=case_ids).select_related("slide")
-    for p in predictions.order_by("-created_at", "-id"):
-        latest.setdefault(p.slide_id, p)
-    calls: dict[int, Prediction] = {}
-    for p in latest.values():
-        best = calls.get(p.slide.case_id)
-        if best is None or p.confidence > best.confidence:
-            calls[p.slide.case_id] = p
-    return calls
+def _worklist_filters(params) -> dict:
+    """The page's query parameters as ``worklist`` filters; values it cannot use are ignored."""
+    filters: dict = {}
+    if params.get("cohort", "").isdigit():
+        filters["cohort"] = int(params["cohort"])
+    if params.get("status") in Case.Status.values:
+        filters["status"] = params["status"]
+    if params.get("priority") in Case.Priority.values:
+        filters["priority"] = params["priority"]
+    if params.get("q"):
+        filters["q"] = params["q"]
+    return filters
 
 
 def _filtered_cases(request):
-    params = request.GET
-    cases = visible(Case.objects.select_related("cohort"), request.user, "cohort")
-    queue = params.get("queue", "unsigned")
-    if queue == "unsigned":
-        cases = cases.exclude(status="signed")
-    elif queue == "signed":
-        cases = cases.filter(status="signed")
-    elif queue == "mine":
-        cases = cases.filter(diagnoses__author=request.user, diagnoses__status=Diagnosis.DRAFT)
-    if params.get("status") in dict(Case.STATUSES):
-        cases = cases.filter(status=params["status"])
-    if params.get("priority") in dict(Case.PRIORITIES):
-        cases = cases.filter(priority=params["priority"])
-    if params.get("cohort", "").isdigit():
-        cases = cases.filter(cohort_id=int(params["cohort"]))
-    if params.get("q"):
-        query = params["q"].strip()[:100]
-        cases = cases.filter(Q(accession_number__icontains=query) | Q(patient_id__icontains=query))
-    return cases.distinct()[:500]
+    queue = request.GET.get("queue", worklists.DEFAULT_QUEUE)
+    if queue not in worklists.QUEUES:
+        queue = worklists.DEFAULT_QUEUE
+    return worklists.worklist(request.user, queue, _worklist_filters(request.GET))[:WORKLIST_ROWS]
 
 
 def _waiting(created_at) -> str:
@@ -101,8 +80,7 @@ def _waiting(created_at) -> str:
 
 def _worklist_rows(request) -> list[dict]:
     cases = list(_filtered_cases(request))
-    calls = _ai_calls([c.pk for c in cases])
-    cases.sort(key=lambda c: (PRIORITY_RANK.get(c.priority, 9), c.created_at, c.pk))
+    calls = ai_calls([c.pk for c in cases])
     return [
         {
             "case": case,
@@ -121,7 +99,7 @@ def worklist(request):
         return render(request, "viewer/_worklist_rows.html", context)
     context.update(
         page="worklist",
-        queues=QUEUES,
+        queues=worklists.QUEUES,
         statuses=Case.STATUSES,
         priorities=Case.PRIORITIES,
         cohorts=visible(Cohort.objects.all(), request.user, "pk"),
@@ -188,10 +166,11 @@ def _legend() -> list[str]:
 @login_required
 def case_page(request, case_id: int):
     case = _visible_case(request.user, case_id)
-    if case.status == "signed":
+    if case.is_signed:
         audit.record(request.user, "case.view", case, request=request)
     slides = [_slide_json(s) for s in case.slides.all()]
     role = role_in(request.user, case.cohort_id)
+    call = ai_call(case.pk)
     viewer_config = {
         "case": {
             "id": case.pk,
@@ -200,6 +179,7 @@ def case_page(request, case_id: int):
             "priority": case.priority,
         },
         "slides": slides,
+        "ai_call": _prediction_json(call) if call else None,
         "legend": _legend(),
         "user": {
             "username": request.user.get_username(),
@@ -292,7 +272,7 @@ def _bad_region(message: str) -> JsonResponse:
 @require_GET
 def slide_region(request, slide_id: int):
     """``?x=&y=&size=`` (level-0 px) -> a square JPEG of ``px`` pixels (default 128)."""
-    slides = visible(Slide.objects.filter(status="ready"), request.user, "case__cohort")
+    slides = visible(Slide.objects.filter(status=Slide.Status.READY), request.user, "case__cohort")
     slide = get_object_or_404(slides, pk=slide_id)
     try:
         x, y, size = (int(float(request.GET[p])) for p in ("x", "y", "size"))
