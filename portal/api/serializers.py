@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from django.contrib.auth import get_user_model
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -103,6 +105,14 @@ class CaseIdentityAmendSerializer(serializers.Serializer):
         return value
 
 
+_SERVER_PATH = re.compile(r"(?<![\w:/.])(?:/[^/\s'\"():,;]+)+/([^/\s'\"():,;]+)")
+
+
+def without_server_paths(text: str) -> str:
+    """``/srv/lowmag/slides/7/a.svs`` -> ``a.svs``: messages name files, never server paths."""
+    return _SERVER_PATH.sub(r"\1", text or "")
+
+
 class SlideSerializer(serializers.ModelSerializer):
     cohort = serializers.IntegerField(source="case.cohort_id", read_only=True)
 
@@ -111,13 +121,21 @@ class SlideSerializer(serializers.ModelSerializer):
         exclude = ["file"]
         read_only_fields = [f.name for f in Slide._meta.fields if f.name != "file"]
 
+    def to_representation(self, slide: Slide) -> dict:
+        data = super().to_representation(slide)
+        data["failure_reason"] = without_server_paths(data.get("failure_reason", ""))
+        return data
+
 
 class ModelVersionSerializer(serializers.ModelSerializer):
     class Meta:
         model = ModelVersion
         # The validation report names cases of one cohort: it is shown on the model card only.
-        exclude = ["report"]
-        read_only_fields = [f.name for f in ModelVersion._meta.fields if f.name != "report"]
+        # Where the bundle lies on the server is nobody's business outside it.
+        exclude = ["report", "bundle_path"]
+        read_only_fields = [
+            f.name for f in ModelVersion._meta.fields if f.name not in ("report", "bundle_path")
+        ]
 
 
 class ActivateModelSerializer(serializers.Serializer):
@@ -137,6 +155,11 @@ class AnalysisJobSerializer(serializers.ModelSerializer):
         model = AnalysisJob
         fields = "__all__"
         read_only_fields = [f.name for f in AnalysisJob._meta.fields]
+
+    def to_representation(self, job: AnalysisJob) -> dict:
+        data = super().to_representation(job)
+        data["error"] = without_server_paths(data.get("error", ""))
+        return data
 
 
 class PredictionSerializer(serializers.ModelSerializer):

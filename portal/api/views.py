@@ -23,6 +23,7 @@ from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied, Throttled, ValidationError
 from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -42,6 +43,14 @@ from portal.cases.models import Case, Cohort, Slide
 from portal.cases.worklist import DEFAULT_QUEUE, QUEUES, UnknownQueue, worklist
 from portal.reviews import audit, geojson, signing
 from portal.reviews.models import Annotation, AuditEvent, Diagnosis, SecondOpinionRequest
+
+
+class FhirJSONRenderer(JSONRenderer):
+    """FHIR's own media type, for clients that ask with ``Accept: application/fhir+json``."""
+
+    media_type = "application/fhir+json"
+    format = "fhir"
+
 
 DETAIL = inline_serializer("Detail", {"detail": serializers.CharField()})
 INVALID = OpenApiResponse(
@@ -154,7 +163,12 @@ class CaseViewSet(viewsets.ModelViewSet):
             501: DETAIL,
         }
     )
-    @action(detail=True, methods=["get"], url_path="fhir")
+    @action(
+        detail=True,
+        methods=["get"],
+        url_path="fhir",
+        renderer_classes=[JSONRenderer, FhirJSONRenderer],
+    )
     def fhir(self, request, pk=None):
         """FHIR R4 DiagnosticReport of a signed case."""
         case = self.get_object()
