@@ -173,6 +173,24 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
+# Shared by every process of the portal: throttle counts and the tile grants version
+# (portal.viewer.tileservice). Redis in production; files under DATA_DIR on one machine.
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "lowmag",
+        }
+    }
+else:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(DATA_DIR / "cache"),
+        }
+    }
+
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {

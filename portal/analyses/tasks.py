@@ -238,7 +238,7 @@ def cancel_job(job: AnalysisJob) -> bool:
 def pretile_slide(slide_id: int) -> int:
     """Pre-render the slide's DeepZoom tiles (coarse levels first) into its folder."""
     from portal.cases.models import Slide
-    from portal.viewer.tiles import pretile
+    from portal.viewer.tileservice import pretile
 
     slide = Slide.objects.filter(pk=slide_id, status=Slide.Status.READY).first()
     if slide is None:

@@ -6,7 +6,8 @@ class ViewerConfig(AppConfig):
     label = "viewer"
 
     def ready(self) -> None:
-        """Tile grants are cached per process for seconds; drop them at once when they change."""
+        """Tile grants are cached for seconds; revoke them in every process when they change."""
+        from django.contrib.auth import get_user_model
         from django.contrib.auth.signals import user_logged_out
         from django.db.models.signals import post_delete, post_save
 
@@ -14,16 +15,25 @@ class ViewerConfig(AppConfig):
 
         user_logged_out.connect(_forget_logged_out_session, dispatch_uid="tiles-logout")
         for signal in (post_save, post_delete):
-            signal.connect(_forget_grants, sender=Membership, dispatch_uid=f"tiles-{signal}")
+            signal.connect(_revoke, sender=Membership, dispatch_uid=f"tiles-{signal}")
+        post_save.connect(
+            _revoke_if_deactivated, sender=get_user_model(), dispatch_uid="tiles-user"
+        )
 
 
 def _forget_logged_out_session(sender, request, user, **kwargs) -> None:
-    from portal.viewer.fastpath import forget_session
+    from portal.viewer import tileservice
 
-    forget_session(getattr(getattr(request, "session", None), "session_key", None))
+    tileservice.forget_session(getattr(getattr(request, "session", None), "session_key", None))
+    tileservice.revoke_grants()  # other processes cached this session too
 
 
-def _forget_grants(sender, **kwargs) -> None:
-    from portal.viewer.tiles import forget_access
+def _revoke(sender, **kwargs) -> None:
+    from portal.viewer import tileservice
 
-    forget_access()
+    tileservice.revoke_grants()
+
+
+def _revoke_if_deactivated(sender, instance, created=False, **kwargs) -> None:
+    if not created and not instance.is_active:
+        _revoke(sender)
