@@ -23,7 +23,9 @@ def test_case_page_has_a_content_security_policy(client, path_a, case_a):
     client.force_login(path_a)
     response = client.get(f"/cases/{case_a.pk}/")
     assert response.status_code == 200
-    assert "script-src 'self'" in response["Content-Security-Policy"]
+    policy = response["Content-Security-Policy"]
+    assert "script-src 'self' 'unsafe-eval'" in policy  # the annotation layer's shaders
+    assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
 
 
 def test_api_answers_with_patient_data_are_not_stored(api_client_for, path_a, case_a):

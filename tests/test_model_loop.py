@@ -65,14 +65,14 @@ def test_train_validate_shadow_activate_and_roll_back(
     django_capture_on_commit_callbacks,
     monkeypatch,
 ):
-    from analysis.evaluate import auc_score
+    from analysis.metrics import auc_score
     from portal.analyses.models import ModelVersion, Prediction, ShadowPrediction, TrainingRun
-    from portal.analyses.tasks import ingest_and_analyse
     from portal.cases.models import Slide
     from portal.integrations import webhooks
     from portal.integrations.models import Webhook, WebhookDelivery
     from portal.reviews import signing
     from portal.reviews.models import AuditEvent
+    from portal.uploads.ingest import ingest_and_analyse
 
     baseline = lab
     admin, pathologist = api_client_for(admin_user), api_client_for(path_a)

@@ -83,3 +83,37 @@ def test_activation_without_a_reason_changes_nothing(compared, admin_user, cohor
     assert "a reason is required" in response.content.decode()
     cohort_a.refresh_from_db()
     assert cohort_a.active_model == baseline
+
+
+def test_the_training_page_refuses_bad_input_and_is_for_admins(
+    admin_user, path_a, path_b, cohort_a, model_version
+):
+    from django.utils import timezone
+
+    from portal.analyses.models import TrainingRun
+    from tests.model_cohort import sign
+    from tests.portal_fixtures import make_case, make_prediction
+
+    for i in range(3):
+        case = make_case(cohort_a, f"A-{i}")
+        make_prediction(case.slides.get(), model_version)
+        sign(case, path_a, "tumor")
+    url = f"/cohorts/{cohort_a.pk}/training/"
+    today = timezone.localdate().isoformat()
+    page = (
+        _client(admin_user)
+        .post(url, {"signed_from": today, "signed_to": today}, follow=True)
+        .content.decode()
+    )
+    assert "is called &#x27;tumor&#x27;; a model needs at least two classes" in page
+    assert not TrainingRun.objects.exists()
+    page = _client(admin_user).post(url, {"signed_from": "yesterday"}, follow=True)
+    assert "YYYY-MM-DD" in page.content.decode()
+    assert _client(path_a).get(url).status_code == 403
+    assert _client(path_b).get(url).status_code == 404
+
+
+def test_a_demo_models_card_says_not_for_diagnosis(admin_user, model_version):
+    page = _client(admin_user).get(f"/models/{model_version.pk}/").content.decode()
+    assert "Demo model, not for diagnosis." in page
+    assert "cannot be activated: its weights are missing" in page

@@ -142,3 +142,46 @@ def test_a_slide_file_changed_since_upload_fails_the_run_and_leaves_nothing(
     assert not ModelVersion.objects.exclude(pk=model.pk).exists()
     assert not (tmp_path / "data" / "training" / f"run-{run.pk}").exists()
     assert not (tmp_path / "bundles").exists() or not any((tmp_path / "bundles").iterdir())
+
+
+def test_maga_on_5x_only_slides_fails_the_run_with_the_reason(
+    api_client_for,
+    admin_user,
+    path_a,
+    cohort_a,
+    tmp_path,
+    settings,
+    django_capture_on_commit_callbacks,
+):
+    from portal.analyses.models import ModelVersion, TrainingRun
+    from tests.model_cohort import CLASSES
+
+    settings.SLIDE_DIR = tmp_path / "slides"
+    settings.DATA_DIR = tmp_path / "data"
+    settings.BUNDLE_DIR = tmp_path / "bundles"
+    model = ModelVersion.objects.create(
+        name="shown", version="1", task="t", classes=CLASSES, magnification=5.0, sha256="1" * 64
+    )
+    for i in range(10):
+        _signed(cohort_a, model, path_a, f"R-{i}", f"P{i}", CLASSES[i % 2], real=True)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = _start(
+            api_client_for(admin_user),
+            cohort_a,
+            {**FAST_TRAINING, "maga": True, "encoder": "vit_tiny"},
+        )
+    assert response.status_code == 202
+    run = TrainingRun.objects.get()
+    assert run.state == "failed" and "cannot read at 20x" in run.error, run.error
+    assert not ModelVersion.objects.exclude(pk=model.pk).exists()
+
+
+def test_training_and_shadow_runs_go_to_the_gpu_queue():
+    from portal.analyses.shadow import run_shadow
+    from portal.analyses.training import run_training
+    from portal.celery import app
+
+    for task in (run_training, run_shadow):
+        assert task.name in app.tasks  # registered where workers look (app ready)
+        route = app.amqp.router.route({}, task.name, args=(1,), kwargs={})
+        assert route["queue"].name == "gpu"

@@ -191,3 +191,44 @@ def rollback_page(request, cohort_id: int):
         restored = record.previous or "no model"
         messages.success(request, f"Rolled back: {restored} is active again in {cohort.name}.")
     return redirect("shadow-page", cohort_id=cohort.pk)
+
+
+@login_required
+def training_page(request, cohort_id: int):
+    """Admins: train and validate a model on the cohort's signed cases; runs with progress."""
+    from datetime import date
+
+    from portal.analyses.training import start_training
+    from portal.analyses.trainingset import TrainingSetError
+
+    cohort = _admin_cohort(request.user, cohort_id)
+    if request.method == "POST":
+        try:
+            signed_from = date.fromisoformat(request.POST.get("signed_from", ""))
+            signed_to = date.fromisoformat(request.POST.get("signed_to", ""))
+        except ValueError:
+            messages.error(request, "Give both dates as YYYY-MM-DD.")
+            return redirect("training-page", cohort_id=cohort.pk)
+        options = {"maga": request.POST.get("maga") == "on"}
+        for key in ("folds", "epochs"):
+            if request.POST.get(key, "").strip().isdigit():
+                options[key] = int(request.POST[key])
+        try:
+            run = start_training(
+                cohort, signed_from, signed_to, request.user, options, request=request
+            )
+        except TrainingSetError as exc:
+            messages.error(request, str(exc))
+        else:
+            messages.success(request, f"Training run {run.pk} queued on {run.n_cases} slides.")
+        return redirect("training-page", cohort_id=cohort.pk)
+    runs = TrainingRun.objects.filter(cohort=cohort).select_related("model_version")[:20]
+    return render(
+        request,
+        "analyses/training.html",
+        {
+            "cohort": cohort,
+            "runs": runs,
+            "busy": any(r.state in ("queued", "running") for r in runs),
+        },
+    )

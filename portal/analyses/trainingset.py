@@ -199,7 +199,7 @@ def _changed(c: TrainingCase) -> str:
 
 
 def _sha256(path: Path) -> str:
-    from analysis.bundle import sha256_file
+    from analysis.files import sha256_file
 
     if path.is_file():
         return sha256_file(path)

@@ -11,4 +11,5 @@ urlpatterns = [
     path("models/<int:model_id>/shadow/", pages.start_shadow_page, name="model-shadow-start"),
     path("cohorts/<int:cohort_id>/shadow/", pages.shadow_page, name="shadow-page"),
     path("cohorts/<int:cohort_id>/rollback/", pages.rollback_page, name="cohort-rollback"),
+    path("cohorts/<int:cohort_id>/training/", pages.training_page, name="training-page"),
 ]

@@ -1,13 +1,11 @@
-"""Webhook deliveries run on the ``cpu`` queue, never inside the request that caused them."""
+"""Webhook deliveries run on the ``cpu`` queue, never inside the request that caused them.
+
+The task lives beside the delivery code (``portal.integrations.webhooks.deliver_webhooks``);
+this module is where Celery's autodiscovery finds it.
+"""
 
 from __future__ import annotations
 
-from celery import shared_task
+from portal.integrations.webhooks import deliver_webhooks
 
-
-@shared_task(acks_late=True, ignore_result=True)
-def deliver_webhooks(delivery_ids: list[int]) -> None:
-    """Attempt the new deliveries once; later attempts come from ``deliver_due``."""
-    from portal.integrations.webhooks import attempt_new
-
-    attempt_new(delivery_ids)
+__all__ = ["deliver_webhooks"]

@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from datetime import datetime, timedelta
 
+from celery import shared_task
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db.models import Q
 from django.utils import timezone
@@ -89,10 +90,19 @@ def emit(
     ids = [d.pk for d in deliveries]
     if ids:
         from portal.core.dispatch import dispatch
-        from portal.integrations.tasks import deliver_webhooks
 
         dispatch(deliver_webhooks, ids)
     return deliveries
+
+
+@shared_task(
+    name="portal.integrations.tasks.deliver_webhooks",  # routed to the cpu queue
+    acks_late=True,
+    ignore_result=True,
+)
+def deliver_webhooks(delivery_ids: list[int]) -> None:
+    """Attempt the new deliveries once; later attempts come from ``deliver_due``."""
+    attempt_new(delivery_ids)
 
 
 def deliver_due(now: datetime | None = None, limit: int = 100) -> dict[str, int]:

@@ -6,19 +6,30 @@ class ViewerConfig(AppConfig):
     label = "viewer"
 
     def ready(self) -> None:
-        """Tile grants are cached for seconds; revoke them in every process when they change."""
+        """Pre-render new slides; tile grants are cached for seconds, so revoke them in every
+        process when they change."""
         from django.contrib.auth import get_user_model
         from django.contrib.auth.signals import user_logged_out
         from django.db.models.signals import post_delete, post_save
 
         from portal.cases.models import Membership
+        from portal.cases.signals import slide_ready
 
+        slide_ready.connect(_pretile, dispatch_uid="viewer-pretile")
         user_logged_out.connect(_forget_logged_out_session, dispatch_uid="tiles-logout")
         for signal in (post_save, post_delete):
             signal.connect(_revoke, sender=Membership, dispatch_uid=f"tiles-{signal}")
         post_save.connect(
             _revoke_if_deactivated, sender=get_user_model(), dispatch_uid="tiles-user"
         )
+
+
+def _pretile(sender, slide, **kwargs) -> None:
+    """Tiles ready before the pathologist opens the case."""
+    from portal.core.dispatch import dispatch
+    from portal.viewer.tasks import pretile_slide
+
+    dispatch(pretile_slide, slide.pk)
 
 
 def _forget_logged_out_session(sender, request, user, **kwargs) -> None:
