@@ -62,3 +62,19 @@ def test_no_server_paths_in_model_or_job_answers(api_client_for, path_a, slide_a
     assert model_version.bundle_path not in models and "bundle_path" not in models
     shown = client.get(f"/api/v1/jobs/{job.pk}/").json()["error"]
     assert shown == "A-001.tiff: the slide could not be read"
+
+
+def test_second_opinion_assignee_does_not_reveal_which_user_ids_exist(
+    api_client_for, path_a, path_b, case_a
+):
+    client = api_client_for(path_a)
+    answers = [
+        client.post(
+            "/api/v1/second-opinions/",
+            {"case": case_a.pk, "reason": "look", "assigned_to": user_id},
+            format="json",
+        )
+        for user_id in (path_b.pk, 987654)  # another cohort's pathologist; nobody
+    ]
+    assert [a.status_code for a in answers] == [400, 400]
+    assert answers[0].json() == answers[1].json()

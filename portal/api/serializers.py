@@ -390,6 +390,9 @@ class SecondOpinionSerializer(serializers.ModelSerializer):
     assigned_to = serializers.PrimaryKeyRelatedField(
         queryset=User.objects.filter(is_active=True), required=False, allow_null=True
     )
+    # One answer for "no such user" and "not a pathologist of this cohort": user ids of other
+    # cohorts cannot be probed through this field.
+    NOT_ASSIGNABLE = "The assignee must be a pathologist of the case's cohort."
 
     class Meta:
         model = SecondOpinionRequest
@@ -406,6 +409,14 @@ class SecondOpinionSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = ["diagnosis", "status", "created_at", "closed_at"]
 
+    def to_internal_value(self, data):
+        try:
+            return super().to_internal_value(data)
+        except serializers.ValidationError as exc:
+            if isinstance(exc.detail, dict) and "assigned_to" in exc.detail:
+                exc.detail["assigned_to"] = [self.NOT_ASSIGNABLE]
+            raise
+
     def validate(self, attrs: dict) -> dict:
         case = attrs.get("case") or getattr(self.instance, "case", None)
         assignee = attrs.get("assigned_to")
@@ -414,9 +425,7 @@ class SecondOpinionSerializer(serializers.ModelSerializer):
                 user=assignee, cohort_id=case.cohort_id, role=PATHOLOGIST
             ).exists()
             if not member:
-                raise serializers.ValidationError(
-                    {"assigned_to": "The assignee must be a pathologist of the case's cohort."}
-                )
+                raise serializers.ValidationError({"assigned_to": self.NOT_ASSIGNABLE})
         return attrs
 
 
