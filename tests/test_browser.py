@@ -491,7 +491,9 @@ def test_pathologist_reviews_annotates_exports_and_signs_a_case(session, portal)
     collection = json.loads(exported.read_text())
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 1
     assert collection["features"][0]["geometry"]["type"] == "Polygon"
+    page.click("#import-open")
     page.set_input_files("#import-geojson", str(exported))
+    page.click("#import-confirm")
     s.wait_js("() => window.__lowmag.annotationLoad?.count === 2")
     s.shot("geojson-reimported")
 

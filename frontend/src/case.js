@@ -205,9 +205,17 @@ function wireAnnotationTools(layer, canWrite, CLASSES) {
     b.addEventListener('click', () => setTool(b.dataset.tool));
   });
   const undo = el('undo');
-  const refreshUndo = () => (undo.disabled = !layer.canUndo());
+  const redo = el('redo');
+  const refreshUndo = () => {
+    undo.disabled = !layer.canUndo();
+    redo.disabled = !layer.canRedo();
+  };
   undo.addEventListener('click', () => {
     layer.undo();
+    refreshUndo();
+  });
+  redo.addEventListener('click', () => {
+    layer.redo();
     refreshUndo();
   });
   el('delete-selected').addEventListener('click', () => layer.deleteSelected());
@@ -220,20 +228,46 @@ function wireAnnotationTools(layer, canWrite, CLASSES) {
       toast(`Export failed: ${error.message}`, 'error');
     }
   });
+  wireImport(layer, canWrite);
+  return { setTool, refreshUndo, select };
+}
+
+function wireImport(layer, canWrite) {
+  const dialog = el('import-dialog');
+  const form = el('import-form');
   const input = el('import-geojson');
-  input.disabled = !canWrite;
-  input.addEventListener('change', async () => {
+  const warning = el('import-replace-warning');
+  const confirmBox = el('import-replace-confirm');
+  const error = el('import-error');
+  const opener = el('import-open');
+  opener.disabled = !canWrite;
+  opener.addEventListener('click', () => {
+    form.reset();
+    warning.hidden = true;
+    error.hidden = true;
+    dialog.showModal();
+  });
+  form.addEventListener('change', () => (warning.hidden = form.elements.mode.value !== 'replace'));
+  form.addEventListener('submit', async (event) => {
+    if (event.submitter?.value !== 'import') return;
+    event.preventDefault();
     const file = input.files[0];
-    input.value = '';
-    if (!file) return;
+    const mode = form.elements.mode.value;
+    const fail = (message) => {
+      error.textContent = message;
+      error.hidden = false;
+    };
+    if (!file) return fail('Choose a GeoJSON file to import.');
+    if (mode === 'replace' && !confirmBox.checked) return fail('Tick the box to confirm that your annotations on this slide are replaced.');
     try {
-      const created = await layer.importGeoJSON(file);
-      toast(`Imported ${created} annotation${created === 1 ? '' : 's'} from ${file.name}`);
-    } catch (error) {
-      toast(`Import failed: ${error.message}`, 'error');
+      const result = await layer.importGeoJSON(file, mode);
+      dialog.close();
+      const n = result.created;
+      toast(`Imported ${n} annotation${n === 1 ? '' : 's'} from ${file.name}${result.replaced ? `, replacing ${result.replaced}` : ''}`);
+    } catch (e) {
+      fail(`Import failed: ${e.message}`);
     }
   });
-  return { setTool, refreshUndo, select };
 }
 
 function saveStatus(state, message) {
@@ -256,10 +290,12 @@ function wireKeys({ viewer, heatmap, regions, annotations }) {
     const { layer, tools, CLASSES } = annotations;
     if (!layer) return;
     const key = event.key;
-    if ((event.ctrlKey || event.metaKey) && key.toLowerCase() === 'z') {
+    const lower = key.toLowerCase();
+    if ((event.ctrlKey || event.metaKey) && (lower === 'z' || lower === 'y')) {
       event.preventDefault();
       event.stopPropagation();
-      layer.undo();
+      if (lower === 'y' || event.shiftKey) layer.redo();
+      else layer.undo();
       tools.refreshUndo();
       return;
     }

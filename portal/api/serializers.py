@@ -273,6 +273,7 @@ FEATURE_COLLECTION_SCHEMA = {
 
 class ImportResultSerializer(serializers.Serializer):
     created = serializers.IntegerField()
+    replaced = serializers.IntegerField()
     ids = serializers.ListField(child=serializers.IntegerField())
 
 

@@ -353,7 +353,16 @@ class AnnotationViewSet(viewsets.ModelViewSet):
         return get_object_or_404(slides, pk=int(raw))
 
     @extend_schema(
-        parameters=[SLIDE_PARAM],
+        parameters=[
+            SLIDE_PARAM,
+            OpenApiParameter(
+                "mode",
+                str,
+                enum=["merge", "replace"],
+                description="merge (default): add to the slide's annotations; replace: delete "
+                "your own annotations on the slide first.",
+            ),
+        ],
         request={"application/json": s.FEATURE_COLLECTION_SCHEMA},
         responses={201: s.ImportResultSerializer, 400: INVALID},
     )
@@ -362,15 +371,27 @@ class AnnotationViewSet(viewsets.ModelViewSet):
         """Create one annotation per feature of a GeoJSON FeatureCollection (all or nothing)."""
         slide = self._slide_from_query()
         require_role(request.user, slide.case.cohort_id, self.write_roles, "annotate")
+        mode = request.query_params.get("mode", "merge")
+        if mode not in ("merge", "replace"):
+            raise ValidationError({"mode": "mode is 'merge' (keep existing) or 'replace'"})
         bounds = (slide.width, slide.height) if slide.width else None
         try:
-            parsed = [
-                self._parse_feature(i, f, bounds)
-                for i, f in enumerate(geojson.features_of(request.data))
-            ]
+            features = geojson.split_multipoints(geojson.features_of(request.data))
+            parsed = [self._parse_feature(i, f, bounds) for i, f in enumerate(features)]
         except geojson.GeometryError as exc:
             raise ValidationError({"detail": str(exc)}) from exc
+        replaced = 0
         with transaction.atomic():
+            if mode == "replace":  # the importer's own annotations (an admin's: all) go
+                mine = slide.annotations.filter(deleted=False)
+                if not is_admin(request.user):
+                    mine = mine.filter(author=request.user)
+                for annotation in mine.select_for_update():
+                    annotation.deleted = True
+                    annotation.version += 1
+                    annotation.save(update_fields=["deleted", "version", "updated_at"])
+                    annotation.snapshot(request.user)
+                    replaced += 1
             created = [
                 Annotation.objects.create(slide=slide, author=request.user, **p) for p in parsed
             ]
@@ -383,8 +404,13 @@ class AnnotationViewSet(viewsets.ModelViewSet):
                 case=slide.case,
                 request=request,
                 count=len(created),
+                mode=mode,
+                replaced=replaced,
             )
-        return Response({"created": len(created), "ids": [a.pk for a in created]}, status=201)
+        return Response(
+            {"created": len(created), "replaced": replaced, "ids": [a.pk for a in created]},
+            status=201,
+        )
 
     @staticmethod
     def _parse_feature(index: int, feature, bounds) -> dict:

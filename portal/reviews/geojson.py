@@ -134,6 +134,24 @@ def features_of(document: Any) -> list:
     raise GeometryError("expected a GeoJSON FeatureCollection, a Feature, or a list of Features")
 
 
+def split_multipoints(features: list) -> list:
+    """QuPath writes a points annotation as one ``MultiPoint`` feature: one Point each here."""
+    out = []
+    for feature in features:
+        geometry = feature.get("geometry") if isinstance(feature, dict) else None
+        if not (isinstance(geometry, dict) and geometry.get("type") == "MultiPoint"):
+            out.append(feature)
+            continue
+        points = geometry.get("coordinates")
+        if not isinstance(points, list) or not points:
+            raise GeometryError("MultiPoint: needs a list of at least one position")
+        if len(points) > MAX_VERTICES:
+            raise GeometryError(f"MultiPoint: {len(points)} points is more than {MAX_VERTICES}")
+        for point in points:
+            out.append({**feature, "geometry": {"type": "Point", "coordinates": point}})
+    return out
+
+
 def parse_feature(feature: Any, bounds: tuple[int, int] | None) -> dict:
     """One feature -> the Annotation fields it carries (geometry, name, classification)."""
     if not isinstance(feature, dict) or feature.get("type") != "Feature":

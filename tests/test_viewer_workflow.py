@@ -1,0 +1,374 @@
+"""A pathologist's working day in the viewer, in Chromium: annotations that are never lost
+(import merges, undo/redo), tools that stay armed, the case's context, second opinions and the
+worklist. Shares the daphne portal and the browser of ``tests/test_browser.py`` and adds its own
+cases to it, so that these tests never touch the cases the other module signs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+
+from tests.test_browser import (  # noqa: F401  (pytest fixtures shared with the other module)
+    ARTIFACTS,
+    CHROMIUM,
+    DIST,
+    PASSWORD,
+    Session,
+    _portal_env,
+    _run,
+    browser,
+    portal,
+    session,
+)
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason=f"{CHROMIUM} missing: apt-get install chromium"
+    ),
+    pytest.mark.skipif(not DIST.exists(), reason="frontend not built: run `make frontend`"),
+]
+
+CLINICAL_QUESTION = "Re-excision of a basal cell carcinoma: are the margins clear?"
+N_MANY = 600
+
+
+def seed_more(slide_a_id: int) -> dict:
+    """Cases of this module (runs in a subprocess configured for the portal's database)."""
+    import shutil
+    from datetime import timedelta
+    from pathlib import Path
+
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.utils import timezone
+
+    from portal.analyses.models import AnalysisJob, ModelVersion, Prediction
+    from portal.cases.models import Case, Cohort, Membership, Slide
+
+    users = get_user_model().objects
+    cohort_a = Cohort.objects.get(slug="skin-a")
+    path_c = users.create_user("path_c", password=PASSWORD)
+    Membership.objects.create(user=path_c, cohort=cohort_a, role="pathologist")
+    users.create_user("admin_a", password=PASSWORD, is_staff=True, is_superuser=True)
+    template = Slide.objects.get(pk=slide_a_id)
+    model = ModelVersion.objects.get(active=True)
+    source_prediction = template.predictions.get()
+
+    def case_with_slide(accession: str, **fields) -> tuple[Case, Slide]:
+        case = Case.objects.create(
+            cohort=cohort_a, patient_id=f"P-{accession[-4:]}", accession_number=accession, **fields
+        )
+        slide = Slide.objects.create(
+            case=case,
+            original_name=template.original_name,
+            status="ready",
+            sha256=template.sha256,
+            width=template.width,
+            height=template.height,
+            mpp=template.mpp,
+            magnification=template.magnification,
+            level_count=template.level_count,
+        )
+        folder = Path(settings.SLIDE_DIR) / f"{case.pk}" / f"{slide.pk}"
+        folder.mkdir(parents=True)
+        shutil.copy(template.path, folder / template.original_name)
+        slide.file = f"{case.pk}/{slide.pk}/{template.original_name}"
+        slide.save()
+        return case, slide
+
+    def predict(slide: Slide, predicted: str, confidence: float) -> None:
+        job = AnalysisJob.objects.create(
+            slide=slide,
+            model_version=model,
+            idempotency_key=f"{slide.sha256}:{slide.pk}",
+            state="succeeded",
+            progress=1.0,
+        )
+        Prediction.objects.create(
+            job=job,
+            slide=slide,
+            model_version=model,
+            predicted_class=predicted,
+            confidence=confidence,
+            probabilities={"benign": 1 - confidence, "malignant": confidence}
+            if predicted == "malignant"
+            else {"benign": confidence, "malignant": 1 - confidence},
+            instance_scores=source_prediction.instance_scores,
+            grid=source_prediction.grid,
+        )
+
+    case_draw, slide_draw = case_with_slide("S24-0101", status="ready")
+    case_sign, slide_sign = case_with_slide(
+        "S24-0102", status="ready", clinical_question=CLINICAL_QUESTION, priority="urgent"
+    )
+    predict(slide_sign, "malignant", 0.99)
+    case_failed, slide_failed = case_with_slide("S24-0103", status="ready")
+    AnalysisJob.objects.create(
+        slide=slide_failed,
+        model_version=model,
+        idempotency_key=f"failed:{slide_failed.pk}",
+        state="failed",
+        stage="tissue",
+        error="fluorescence-dapi.ndpi: no tissue found at 5x (is this a fluorescence slide?)",
+    )
+    # Many open cases of their own cohort, the oldest routine ones created first.
+    many = Cohort.objects.create(name="Many", slug="many")
+    path_m = users.create_user("path_m", password=PASSWORD)
+    Membership.objects.create(user=path_m, cohort=many, role="pathologist")
+    now = timezone.now()
+    Case.objects.bulk_create(
+        Case(
+            cohort=many,
+            patient_id=f"M-{i:04d}",
+            accession_number=f"M24-{i:04d}",
+            status="ready",
+            priority="urgent" if i % 100 == 7 else "routine",
+        )
+        for i in range(N_MANY)
+    )
+    for i, case in enumerate(Case.objects.filter(cohort=many).order_by("pk")):
+        Case.objects.filter(pk=case.pk).update(created_at=now - timedelta(hours=N_MANY - i))
+    return {
+        "case_draw": case_draw.pk,
+        "slide_draw": slide_draw.pk,
+        "case_sign": case_sign.pk,
+        "slide_sign": slide_sign.pk,
+        "case_failed": case_failed.pk,
+        "slide_failed": slide_failed.pk,
+    }
+
+
+@pytest.fixture(scope="module")
+def cases(portal):  # noqa: F811
+    env = _portal_env(portal["db"].parent)
+    out = _run(
+        [
+            sys.executable,
+            "-c",
+            "import django, json; django.setup(); from tests.test_viewer_workflow import seed_more; "
+            f"print(json.dumps(seed_more({portal['slide_a']})))",
+        ],
+        env,
+    )
+    return {**portal, **json.loads(out.strip().splitlines()[-1])}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def wait_until(check, timeout_s: float = 8.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def server_annotations(s: Session, slide_id: int) -> list[dict]:
+    response = s.page.request.get(s.url(f"/api/v1/annotations?slide={slide_id}&page_size=500"))
+    assert response.ok, response.text()
+    return response.json()["results"]
+
+
+CLEAR = """async (ids) => {
+  const token = document.cookie.match(/csrftoken=([^;]+)/)[1];
+  for (const id of ids) {
+    await fetch(`/api/v1/annotations/${id}`, { method: 'DELETE', headers: { 'X-CSRFToken': token } });
+  }
+}"""
+
+
+def clear_slide(s: Session, slide_id: int) -> None:
+    s.page.evaluate(CLEAR, [a["id"] for a in server_annotations(s, slide_id)])
+    assert server_annotations(s, slide_id) == []
+
+
+def open_case(s: Session, case_id: int) -> None:
+    s.page.goto(s.url(f"/cases/{case_id}/"))
+    s.wait_js("() => window.__lowmag && window.__lowmag.firstTilePaintMs !== undefined")
+    s.wait_js("() => window.__lowmag.annotationLoad !== undefined")
+
+
+def viewer_centre(s: Session) -> tuple[float, float]:
+    box = s.page.locator("#viewer").bounding_box()
+    return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+
+def draw(s: Session, tool: str, dx: float = 0, dy: float = 0) -> None:
+    """Draw one shape with ``tool`` (already armed) around the viewer's centre shifted by dx, dy."""
+    page = s.page
+    cx, cy = viewer_centre(s)
+    cx, cy = cx + dx, cy + dy
+    if tool == "rectangle":
+        page.mouse.move(cx - 40, cy - 30)
+        page.mouse.down()
+        page.mouse.move(cx, cy, steps=4)
+        page.mouse.move(cx + 40, cy + 30, steps=4)
+        page.mouse.up()
+    elif tool == "polygon":
+        corners = [(cx - 40, cy - 30), (cx + 35, cy - 35), (cx + 45, cy + 25), (cx - 30, cy + 35)]
+        for x, y in corners:
+            page.mouse.click(x, y)
+            page.wait_for_timeout(80)
+        page.mouse.click(*corners[0])
+    elif tool == "point":
+        page.mouse.click(cx, cy)
+    elif tool == "freehand":
+        import math
+
+        page.mouse.move(cx + 40, cy)
+        page.mouse.down()
+        for i in range(1, 25):
+            angle = 2 * math.pi * i / 24
+            page.mouse.move(cx + 40 * math.cos(angle), cy + 30 * math.sin(angle))
+        page.mouse.up()
+    page.wait_for_timeout(150)
+
+
+def live_count(s: Session, slide_id: int, n: int, what: str = "") -> list[dict]:
+    """Wait until the server holds ``n`` live annotations on the slide; return them."""
+    found: list[list[dict]] = []
+
+    def check() -> bool:
+        found[:] = [server_annotations(s, slide_id)]
+        return len(found[0]) == n
+
+    wait_until(check, what=f"{n} annotations on the server {what}")
+    return found[0]
+
+
+# ---------------------------------------------------------------- annotations are never lost
+
+
+def test_import_merges_by_default_and_replace_needs_confirmation(session, cases, tmp_path):  # noqa: F811
+    s = session("import")
+    page = s.page
+    deletes: list[str] = []
+    page.on("request", lambda r: r.method == "DELETE" and deletes.append(r.url))
+    s.login("path_a")
+    open_case(s, cases["case_draw"])
+    page.click("[data-tool=rectangle]")
+    draw(s, "rectangle")
+    [mine] = live_count(s, cases["slide_draw"], 1, "after drawing")
+    page.reload()
+    s.wait_js("() => window.__lowmag.annotationLoad?.count === 1")
+
+    document = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": {"type": "Point", "coordinates": [100, 120]},
+                "properties": {"classification": {"name": "Stroma", "color": [150, 200, 150]}},
+            },
+            {  # QuPath writes points annotations as MultiPoint
+                "type": "Feature",
+                "geometry": {"type": "MultiPoint", "coordinates": [[200, 220], [210, 230]]},
+                "properties": {"objectType": "annotation"},
+            },
+        ],
+    }
+    upload = tmp_path / "qupath.geojson"
+    upload.write_text(json.dumps(document))
+    page.click("#import-open")
+    page.set_input_files("#import-geojson", str(upload))
+    page.click("#import-confirm")
+    s.wait_js("() => window.__lowmag.annotationLoad?.count === 4")
+    page.wait_for_timeout(500)  # any stray request would go out now
+    assert deletes == []
+    page.reload()
+    s.wait_js("() => window.__lowmag.annotationLoad?.count === 4")
+    ids = {a["id"] for a in server_annotations(s, cases["slide_draw"])}
+    assert mine["id"] in ids and len(ids) == 4
+    s.shot("merged")
+
+    # Replace needs its own confirmation; without it nothing changes.
+    page.click("#import-open")
+    page.set_input_files("#import-geojson", str(upload))
+    page.check("input[name=mode][value=replace]")
+    page.click("#import-confirm")
+    page.wait_for_selector("#import-error:not([hidden])")
+    assert "confirm" in page.inner_text("#import-error")
+    assert len(server_annotations(s, cases["slide_draw"])) == 4
+    page.check("#import-replace-confirm")
+    page.click("#import-confirm")
+    s.wait_js("() => window.__lowmag.annotationLoad?.count === 3")
+    after = {a["id"] for a in server_annotations(s, cases["slide_draw"])}
+    assert len(after) == 3 and not after & ids
+    clear_slide(s, cases["slide_draw"])  # leave the slide empty for the other tests
+    assert s.errors == [], s.errors
+
+
+@pytest.mark.parametrize("tool", ["rectangle", "polygon", "freehand", "point"])
+def test_undo_and_redo_of_create_edit_and_delete(session, cases, tool):  # noqa: F811
+    s = session(f"undo-{tool}")
+    page = s.page
+    slide = cases["slide_draw"]
+    s.login("path_a")
+    open_case(s, cases["case_draw"])
+    page.click(f"[data-tool={tool}]")
+    draw(s, tool)
+    [created] = live_count(s, slide, 1, f"after drawing a {tool}")
+    assert created["classification"]["name"] == "Tumor"
+    # The tool stays armed: a second shape, not a pan; a class key does not recolour it.
+    assert page.locator(f"[data-tool={tool}].active").count() == 1
+    page.keyboard.press("2")
+    draw(s, tool, dx=-150, dy=-100)
+    rows = live_count(s, slide, 2, f"after a second {tool}")
+    assert sorted(r["classification"]["name"] for r in rows) == ["Stroma", "Tumor"]
+    page.keyboard.press("Control+z")  # undo the second create
+    [left] = live_count(s, slide, 1, "after undoing the second shape")
+    assert left["id"] == created["id"]
+    page.keyboard.press("Control+Shift+z")  # redo it
+    live_count(s, slide, 2, "after redo")
+    page.keyboard.press("Control+z")
+    live_count(s, slide, 1, "after undoing again")
+
+    # Edit: select the first shape and change its class; undo and redo the edit.
+    page.keyboard.press("v")
+    page.evaluate(f"() => window.__lowmag.annotations.anno.setSelected('{_local_id(page)}')")
+    page.keyboard.press("3")
+    wait_until(
+        lambda: server_annotations(s, slide)[0]["classification"]["name"] == "Immune cells",
+        what="the class change saved",
+    )
+    page.keyboard.press("Escape")
+    page.click("#undo")
+    wait_until(
+        lambda: server_annotations(s, slide)[0]["classification"]["name"] == "Tumor",
+        what="the class change undone",
+    )
+    page.click("#redo")
+    wait_until(
+        lambda: server_annotations(s, slide)[0]["classification"]["name"] == "Immune cells",
+        what="the class change redone",
+    )
+
+    # Delete, undo the delete (the shape comes back), redo it, undo once more.
+    page.evaluate(f"() => window.__lowmag.annotations.anno.setSelected('{_local_id(page)}')")
+    page.keyboard.press("Delete")
+    live_count(s, slide, 0, "after delete")
+    page.keyboard.press("Control+z")
+    [back] = live_count(s, slide, 1, "after undoing the delete")
+    assert back["classification"]["name"] == "Immune cells"
+    page.keyboard.press("Control+y")
+    live_count(s, slide, 0, "after redoing the delete")
+    page.keyboard.press("Control+z")
+    live_count(s, slide, 1, "after undoing the delete again")
+    page.reload()
+    s.wait_js("() => window.__lowmag.annotationLoad?.count === 1")
+    s.shot("after-undo-redo")
+    clear_slide(s, slide)
+    assert s.errors == [], s.errors
+
+
+def _local_id(page) -> str:
+    return page.evaluate("() => window.__lowmag.annotations.anno.getAnnotations()[0].id")
