@@ -372,3 +372,43 @@ def test_undo_and_redo_of_create_edit_and_delete(session, cases, tool):  # noqa:
 
 def _local_id(page) -> str:
     return page.evaluate("() => window.__lowmag.annotations.anno.getAnnotations()[0].id")
+
+
+# ---------------------------------------------------------------- what the case is about
+
+
+def test_clinical_question_and_failed_analysis_are_shown(session, cases):  # noqa: F811
+    s = session("context")
+    page = s.page
+    s.login("path_a")
+    row = page.locator(f"tr[data-case='{cases['case_sign']}']")
+    assert CLINICAL_QUESTION[:40] in row.inner_text()
+    failed_row = page.locator(f"tr[data-case='{cases['case_failed']}']")
+    assert "AI failed" in failed_row.inner_text()
+    assert "no tissue" in failed_row.locator(".badge.failed").get_attribute("title")
+    s.shot("worklist")
+
+    page.goto(s.url(f"/cases/{cases['case_sign']}/"))
+    assert CLINICAL_QUESTION in page.inner_text("#clinical-question")
+    page.goto(s.url(f"/cases/{cases['case_failed']}/"))
+    page.wait_for_selector("#analysis-failed:not([hidden])")
+    assert "no tissue found" in page.inner_text("#analysis-failed")
+    assert "tissue stage" in page.inner_text("#analysis-failed")
+    assert page.locator("#no-prediction").is_hidden()
+    assert "AI analysis failed" in page.inner_text("#ai-suggestion")
+    assert page.locator("#analysis-retry").is_hidden()  # pathologists do not retry
+    s.shot("failed-analysis")
+    assert s.errors == [], s.errors
+
+    admin = session("admin")
+    admin.login("admin_a")
+    admin.page.goto(admin.url(f"/cases/{cases['case_failed']}/"))
+    admin.page.click("#analysis-retry")
+    admin.page.wait_for_selector("#toast:has-text('queued again')")
+    jobs = admin.page.request.get(admin.url(f"/api/v1/jobs?slide={cases['slide_failed']}"))
+    assert len(jobs.json()["results"]) >= 1
+    with __import__("sqlite3").connect(cases["db"]) as db:
+        (retries,) = db.execute(
+            "SELECT COUNT(*) FROM reviews_auditevent WHERE action = 'job.retry'"
+        ).fetchone()
+    assert retries == 1

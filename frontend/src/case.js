@@ -61,14 +61,34 @@ function renderAssociated(slide) {
 
 // ------------------------------------------------------------------ heatmap controls
 
-function wireHeatmap(viewer, slide, legend) {
+function showFailedAnalysis(job, isAdmin) {
+  el('analysis-failed').hidden = false;
+  el('analysis-failed-stage').textContent = job.stage ? `at the ${job.stage} stage` : '';
+  el('analysis-failed-reason').textContent = job.error || 'No reason was recorded.';
+  const retry = el('analysis-retry');
+  retry.hidden = !isAdmin;
+  retry.addEventListener('click', async () => {
+    retry.disabled = true;
+    try {
+      await api(`/api/v1/jobs/${job.id}/retry`, { method: 'POST' });
+      toast('Analysis queued again');
+      el('analysis-failed-reason').textContent = 'Queued again…';
+    } catch (error) {
+      retry.disabled = false;
+      toast(`Retry failed: ${error.message}`, 'error');
+    }
+  });
+}
+
+function wireHeatmap(viewer, slide, legend, isAdmin) {
   el('legend-ramp').style.background = `linear-gradient(to right, ${legend.join(', ')})`;
   const toggle = el('layer-heatmap');
   const controls = document.querySelector('.heatmap-controls');
   if (!slide.prediction) {
     toggle.disabled = true;
     controls.hidden = true;
-    el('no-prediction').hidden = false;
+    if (slide.job?.state === 'failed') showFailedAnalysis(slide.job, isAdmin);
+    else el('no-prediction').hidden = false;
     return null;
   }
   const layer = new HeatmapLayer(viewer, slide.prediction.heatmap_dzi);
@@ -334,7 +354,8 @@ export async function initCase() {
     .map((s) => s.prediction)
     .filter(Boolean)
     .sort((a, b) => b.confidence - a.confidence)[0];
-  renderAiSuggestion(el('ai-suggestion'), bestPrediction);
+  const failedJob = config.slides.map((s) => s.job).find((j) => j?.state === 'failed');
+  renderAiSuggestion(el('ai-suggestion'), bestPrediction, failedJob);
   diagnosis.load().catch((error) => toast(`Diagnosis not loaded: ${error.message}`, 'error'));
   if (!slide) {
     el('viewer').innerHTML = '<p class="empty-viewer">No slide of this case is ready to view yet.</p>';
@@ -344,7 +365,7 @@ export async function initCase() {
 
   const viewer = createViewer(el('viewer'), slide);
   window.__lowmag.viewer = viewer;
-  const heatmap = wireHeatmap(viewer, slide, config.legend);
+  const heatmap = wireHeatmap(viewer, slide, config.legend, config.user.is_admin);
   el('layer-slide').addEventListener('change', (e) => viewer.world.getItemAt(0)?.setOpacity(e.target.checked ? 1 : 0));
   attachScaleBar(viewer, el('scalebar'), slide.mpp);
   const regions = new RegionNavigator(viewer, slide);

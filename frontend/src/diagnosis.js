@@ -14,7 +14,11 @@ function escapeText(text) {
   return span.innerHTML;
 }
 
-export function renderAiSuggestion(container, prediction) {
+export function renderAiSuggestion(container, prediction, failedJob = null) {
+  if (!prediction && failedJob) {
+    container.innerHTML = `<p class="failed-note"><strong>AI analysis failed</strong>${failedJob.stage ? ` at the ${escapeText(failedJob.stage)} stage` : ''}: ${escapeText(failedJob.error || 'no reason recorded')}</p>`;
+    return;
+  }
   if (!prediction) {
     container.innerHTML = '<p class="muted">No AI analysis yet.</p>';
     return;

@@ -95,14 +95,32 @@ def _waiting(created_at) -> str:
     return f"{waited.days} d"
 
 
+def _failed_analyses(case_ids: list[int]) -> dict[int, str]:
+    """Case id -> why the AI analysis failed, for cases whose slide's latest job failed."""
+    latest: dict[int, AnalysisJob] = {}
+    jobs = AnalysisJob.objects.filter(slide__case_id__in=case_ids).select_related("slide")
+    for job in jobs.order_by("-created_at", "-id"):
+        latest.setdefault(job.slide_id, job)
+    failed: dict[int, str] = {}
+    for job in latest.values():
+        if job.state == "failed":
+            failed.setdefault(job.slide.case_id, job.error or f"failed at the {job.stage} stage")
+    failed_slides = Slide.objects.filter(case_id__in=case_ids, status="failed")
+    for slide in failed_slides.only("case_id", "failure_reason"):
+        failed.setdefault(slide.case_id, slide.failure_reason or "the slide could not be read")
+    return failed
+
+
 def _worklist_rows(request) -> list[dict]:
     cases = list(_filtered_cases(request))
     calls = _ai_calls([c.pk for c in cases])
+    failed = _failed_analyses([c.pk for c in cases if c.pk not in calls])
     cases.sort(key=lambda c: (PRIORITY_RANK.get(c.priority, 9), c.created_at, c.pk))
     return [
         {
             "case": case,
             "ai": calls.get(case.pk),
+            "ai_failed": failed.get(case.pk, ""),
             "waiting": _waiting(case.created_at),
             "waited_s": int((timezone.now() - case.created_at).total_seconds()),
         }
@@ -150,7 +168,13 @@ def _prediction_json(p: Prediction) -> dict:
 def _job_json(job: AnalysisJob | None) -> dict | None:
     if job is None:
         return None
-    return {"id": job.pk, "state": job.state, "stage": job.stage, "progress": job.progress}
+    return {
+        "id": job.pk,
+        "state": job.state,
+        "stage": job.stage,
+        "progress": job.progress,
+        "error": job.error if job.state == "failed" else "",
+    }
 
 
 def _slide_json(slide: Slide) -> dict:
@@ -194,12 +218,14 @@ def case_page(request, case_id: int):
             "accession_number": case.accession_number,
             "status": case.status,
             "priority": case.priority,
+            "clinical_question": case.clinical_question,
         },
         "slides": slides,
         "legend": _legend(),
         "user": {
             "username": request.user.get_username(),
             "can_write": is_admin(request.user) or role == PATHOLOGIST,
+            "is_admin": is_admin(request.user),
         },
     }
     context = {"page": "case", "case": case, "slides": slides, "viewer_config": viewer_config}
