@@ -412,3 +412,61 @@ def test_clinical_question_and_failed_analysis_are_shown(session, cases):  # noq
             "SELECT COUNT(*) FROM reviews_auditevent WHERE action = 'job.retry'"
         ).fetchone()
     assert retries == 1
+
+
+# ---------------------------------------------------------------- second opinions
+
+
+def _audit_actions(db_path, case_id: int) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute(
+            "SELECT action FROM reviews_auditevent WHERE case_id = ? ORDER BY id", (case_id,)
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_signing_against_the_ai_prompts_and_a_colleague_answers(session, cases):  # noqa: F811
+    a = session("signer")
+    a.login("path_a")
+    open_case(a, cases["case_sign"])
+    page = a.page
+    page.select_option("#diagnosis-call", "benign")
+    page.fill("#diagnosis-form textarea[name=diagnosis_text]", "Scar, no residual tumour.")
+    page.wait_for_selector("#diagnosis-state:has-text('draft v1')")
+    page.click("#sign-button")
+    prompt = page.locator("#sign-disagreement")
+    assert prompt.is_visible()
+    assert "malignant" in prompt.inner_text() and "99%" in prompt.inner_text()
+    page.select_option("#sign-colleague", label="path_c")
+    a.shot("disagreement-prompt")
+    page.fill("#sign-password", PASSWORD)
+    page.click("#sign-confirm")
+    page.wait_for_selector("#diagnosis-saved:has-text('Second opinion requested from path_c')")
+    assert "disagrees" in page.inner_text("#second-opinion-list")
+
+    c = session("colleague")
+    c.login("path_c")
+    c.page.click("#inbox-link")
+    card = c.page.locator(".opinion[data-opinion]", has_text="S24-0102")
+    assert card.count() == 1 and "for path_c" in card.inner_text()
+    assert CLINICAL_QUESTION in card.inner_text()
+    c.shot("inbox")
+    card.locator("textarea[name=answer]").fill("Agree: scar only, margins clear.")
+    card.locator("button[type=submit]").click()
+    c.page.wait_for_selector(".opinion.done >> text=Opinion sent")
+    c.page.reload()
+    assert c.page.locator(".opinion[data-opinion]", has_text="S24-0102").count() == 0
+
+    page.goto(a.url("/second-opinions/"))
+    answered = page.locator(".opinion.answered", has_text="S24-0102")
+    assert "Agree: scar only" in answered.inner_text() and "path_c" in answered.inner_text()
+    page.goto(a.url(f"/cases/{cases['case_sign']}/"))
+    page.wait_for_selector("#second-opinion-list .answer")
+    assert "Agree: scar only" in page.inner_text("#second-opinion-list")
+    a.shot("answer-on-case")
+    actions = _audit_actions(cases["db"], cases["case_sign"])
+    for action in ("second_opinion.open", "second_opinion.assign", "second_opinion.answer"):
+        assert action in actions, actions
+    assert a.errors == [] and c.errors == [], (a.errors, c.errors)

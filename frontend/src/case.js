@@ -1,6 +1,6 @@
 // The case page: slide viewer, heatmap layer, top regions, annotations, diagnosis, job progress.
 import { api, websocketUrl } from './api.js';
-import { DiagnosisPanel, renderAiSuggestion } from './diagnosis.js';
+import { DiagnosisPanel, renderAiSuggestion, SecondOpinions } from './diagnosis.js';
 import { isTyping } from './shortcuts.js';
 import {
   attachScaleBar,
@@ -349,11 +349,13 @@ export async function initCase() {
   renderSlideList(config, slide);
   const canWrite = config.user.can_write;
   const classes = slide?.prediction?.classes || config.slides.find((s) => s.prediction)?.prediction.classes || [];
-  const diagnosis = new DiagnosisPanel(config.case, classes, canWrite);
   const bestPrediction = config.slides
     .map((s) => s.prediction)
     .filter(Boolean)
     .sort((a, b) => b.confidence - a.confidence)[0];
+  const opinions = new SecondOpinions(config.case, config.colleagues || [], canWrite);
+  opinions.load().catch((error) => toast(`Second opinions not loaded: ${error.message}`, 'error'));
+  const diagnosis = new DiagnosisPanel(config.case, classes, canWrite, { aiCall: bestPrediction, opinions });
   const failedJob = config.slides.map((s) => s.job).find((j) => j?.state === 'failed');
   renderAiSuggestion(el('ai-suggestion'), bestPrediction, failedJob);
   diagnosis.load().catch((error) => toast(`Diagnosis not loaded: ${error.message}`, 'error'));

@@ -37,8 +37,64 @@ export function renderAiSuggestion(container, prediction, failedJob = null) {
     <p class="muted small">${escapeText(prediction.model)} · assistive only; the signed call is yours.</p>`;
 }
 
+/** The case's second-opinion requests and a form to ask a colleague. */
+export class SecondOpinions {
+  constructor(caseInfo, colleagues, canWrite) {
+    this.caseInfo = caseInfo;
+    this.form = el('second-opinion-form');
+    for (const select of document.querySelectorAll('.colleague-select')) {
+      for (const c of colleagues) select.add(new Option(c.username, c.id));
+    }
+    this.form.hidden = !canWrite;
+    this.form.addEventListener('submit', (event) => this._request(event));
+  }
+
+  async load() {
+    const { data } = await api(`/api/v1/second-opinions?case=${this.caseInfo.id}&page_size=50`);
+    this.requests = data.results;
+    el('second-opinion-list').innerHTML = this.requests.length
+      ? this.requests
+          .map((o) => `<li class="opinion ${escapeText(o.status)}">
+            <p class="reason">${escapeText(o.reason)}</p>
+            <p class="muted small">${o.requested_by ? `asked by ${escapeText(o.requested_by)}` : 'opened at sign-off'}${o.assigned_to ? ` · for #${o.assigned_to}` : ''} · ${escapeText(o.status)}</p>
+            ${o.answer ? `<p class="answer"><strong>${escapeText(o.answered_by || '')}:</strong> ${escapeText(o.answer)}</p>` : ''}
+          </li>`)
+          .join('')
+      : '<li class="muted">None requested.</li>';
+    return this.requests;
+  }
+
+  /** After signing against the AI: route the automatic request to the chosen colleague. */
+  async assignOpen(colleagueId) {
+    const requests = await this.load();
+    const open = requests.find((o) => o.status === 'open' && !o.requested_by);
+    if (open && colleagueId) {
+      await api(`/api/v1/second-opinions/${open.id}`, { method: 'PATCH', body: { assigned_to: Number(colleagueId) } });
+      await this.load();
+    }
+    return open;
+  }
+
+  async _request(event) {
+    event.preventDefault();
+    const f = this.form.elements;
+    const body = { case: this.caseInfo.id, reason: f.reason.value.trim() };
+    if (f.assigned_to.value) body.assigned_to = Number(f.assigned_to.value);
+    try {
+      await api('/api/v1/second-opinions', { method: 'POST', body });
+      f.reason.value = '';
+      el('second-opinion-state').textContent = 'requested ✓';
+      await this.load();
+    } catch (error) {
+      el('second-opinion-state').textContent = `not sent: ${error.message}`;
+    }
+  }
+}
+
 export class DiagnosisPanel {
-  constructor(caseInfo, classes, canWrite) {
+  constructor(caseInfo, classes, canWrite, { aiCall = null, opinions = null } = {}) {
+    this.aiCall = aiCall;
+    this.opinions = opinions;
     this.caseInfo = caseInfo;
     this.canWrite = canWrite;
     this.form = el('diagnosis-form');
@@ -174,6 +230,14 @@ export class DiagnosisPanel {
     }
     el('sign-error').hidden = true;
     el('sign-password').value = '';
+    const call = this.form.elements.call.value;
+    const ai = this.aiCall;
+    const disagrees = ai && call.trim().toLowerCase() !== String(ai.predicted_class).trim().toLowerCase();
+    el('sign-disagreement').hidden = !disagrees;
+    if (disagrees) {
+      el('sign-disagreement-text').textContent = `Your call “${call}” disagrees with the AI call “${ai.predicted_class}” (${pct(ai.confidence)} confidence). Signing asks a colleague for a second opinion.`;
+    }
+    this.disagrees = Boolean(disagrees);
     el('sign-dialog').showModal();
   }
 
@@ -191,6 +255,12 @@ export class DiagnosisPanel {
       this.versions[this.versions.length - 1] = data;
       el('sign-dialog').close();
       this.render();
+      if (this.disagrees && this.opinions) {
+        const colleague = el('sign-colleague');
+        const who = colleague.value ? colleague.selectedOptions[0].textContent : 'a colleague';
+        await this.opinions.assignOpen(colleague.value);
+        el('diagnosis-saved').textContent = `Second opinion requested from ${who}.`;
+      }
     } catch (error) {
       el('sign-error').textContent = error.message;
       el('sign-error').hidden = false;

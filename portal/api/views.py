@@ -614,6 +614,57 @@ class SecondOpinionViewSet(
             self.request.user, "second_opinion.open", opinion, case=case, request=self.request
         )
 
+    def perform_update(self, serializer):
+        opinion = serializer.instance
+        if opinion.status == SecondOpinionRequest.CLOSED:
+            raise Conflict("This request is closed; open a new one.")
+        before = opinion.assigned_to_id
+        opinion = serializer.save()
+        if opinion.assigned_to_id != before:
+            audit.record(
+                self.request.user,
+                "second_opinion.assign",
+                opinion,
+                case=opinion.case,
+                request=self.request,
+                assigned_to=opinion.assigned_to.get_username() if opinion.assigned_to else None,
+            )
+
+    @extend_schema(
+        request=s.SecondOpinionAnswerSerializer,
+        responses={200: s.SecondOpinionSerializer, 409: DETAIL},
+    )
+    @action(detail=True, methods=["post"])
+    def answer(self, request, pk=None):
+        """Give the second opinion: the answer is kept with the request, which closes."""
+        body = s.SecondOpinionAnswerSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        text = body.validated_data["answer"].strip()
+        if not text:
+            raise ValidationError({"answer": "Write the opinion before sending it."})
+        visible_opinion = self.get_object()
+        with transaction.atomic():
+            locked = SecondOpinionRequest.objects.select_for_update()
+            opinion = locked.select_related("case").get(pk=visible_opinion.pk)
+            require_role(
+                request.user, opinion.case.cohort_id, self.write_roles, "give second opinions"
+            )
+            if opinion.status == SecondOpinionRequest.CLOSED:
+                raise Conflict("This request was already answered or closed.")
+            if opinion.requested_by_id == request.user.pk:
+                raise PermissionDenied(
+                    "A second opinion comes from a colleague, not the requester."
+                )
+            opinion.answer = text
+            opinion.answered_by = request.user
+            opinion.status = SecondOpinionRequest.CLOSED
+            opinion.closed_at = timezone.now()
+            opinion.save(update_fields=["answer", "answered_by", "status", "closed_at"])
+            audit.record(
+                request.user, "second_opinion.answer", opinion, case=opinion.case, request=request
+            )
+        return Response(self.get_serializer(opinion).data)
+
     @extend_schema(request=None, responses=s.SecondOpinionSerializer)
     @action(detail=True, methods=["post"])
     def close(self, request, pk=None):

@@ -194,6 +194,11 @@ class SecondOpinionRequest(models.Model):
     status = models.CharField(max_length=10, choices=STATUSES, default=OPEN)
     created_at = models.DateTimeField(auto_now_add=True)
     closed_at = models.DateTimeField(null=True, blank=True)
+    # The colleague's opinion; giving it closes the request.
+    answer = models.TextField(blank=True)
+    answered_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -26,9 +26,9 @@ from django.views.decorators.http import require_GET
 from analysis.heatmap import colormap_lut
 from portal.analyses.models import AnalysisJob, Prediction
 from portal.api.permissions import PATHOLOGIST, is_admin, role_in, visible
-from portal.cases.models import Case, Cohort, Slide
+from portal.cases.models import Case, Cohort, Membership, Slide
 from portal.reviews import audit
-from portal.reviews.models import Diagnosis
+from portal.reviews.models import Diagnosis, SecondOpinionRequest
 
 MAX_TOP_K = 100
 REGION_MAX_PX = 512
@@ -228,8 +228,56 @@ def case_page(request, case_id: int):
             "is_admin": is_admin(request.user),
         },
     }
+    colleagues = (
+        Membership.objects.filter(cohort_id=case.cohort_id, role=PATHOLOGIST, user__is_active=True)
+        .exclude(user=request.user)
+        .select_related("user")
+        .order_by("user__username")
+    )
+    viewer_config["colleagues"] = [
+        {"id": m.user_id, "username": m.user.get_username()} for m in colleagues
+    ]
     context = {"page": "case", "case": case, "slides": slides, "viewer_config": viewer_config}
     return render(request, "viewer/case.html", context)
+
+
+# ---------------------------------------------------------------- second opinions
+
+
+@login_required
+def second_opinions(request):
+    """The colleague's inbox: open requests for me (or for anyone in my cohorts), and the
+    answers to the requests I opened."""
+    opinions = visible(
+        SecondOpinionRequest.objects.select_related(
+            "case", "case__cohort", "requested_by", "assigned_to", "answered_by", "diagnosis"
+        ),
+        request.user,
+        "case__cohort",
+    )
+    pathologist_cohorts = Membership.objects.filter(user=request.user, role=PATHOLOGIST)
+    cohorts = list(pathologist_cohorts.values_list("cohort_id", flat=True))
+    open_ = opinions.filter(status=SecondOpinionRequest.OPEN)
+    if not is_admin(request.user):
+        open_ = open_.filter(case__cohort_id__in=cohorts)
+    for_me = open_.filter(Q(assigned_to=request.user) | Q(assigned_to__isnull=True)).exclude(
+        requested_by=request.user
+    )
+    answered = opinions.filter(
+        Q(requested_by=request.user) | Q(diagnosis__signed_by=request.user),
+        status=SecondOpinionRequest.CLOSED,
+    ).exclude(answer="")
+    mine_open = opinions.filter(
+        Q(requested_by=request.user) | Q(diagnosis__signed_by=request.user),
+        status=SecondOpinionRequest.OPEN,
+    )
+    context = {
+        "page": "inbox",
+        "for_me": list(for_me.order_by("-assigned_to_id", "created_at")[:200]),
+        "answered": list(answered.order_by("-closed_at")[:50]),
+        "waiting": list(mine_open.order_by("-created_at")[:50]),
+    }
+    return render(request, "viewer/second_opinions.html", context)
 
 
 # ---------------------------------------------------------------- viewer JSON and images
