@@ -12,18 +12,8 @@ import time
 
 import pytest
 
-from tests.test_browser import (  # noqa: F401  (pytest fixtures shared with the other module)
-    ARTIFACTS,
-    CHROMIUM,
-    DIST,
-    PASSWORD,
-    Session,
-    _portal_env,
-    _run,
-    browser,
-    portal,
-    session,
-)
+from tests.browser_fixtures import PASSWORD, Session, _portal_env, _run
+from tests.test_browser import CHROMIUM, DIST
 
 pytestmark = [
     pytest.mark.browser,
@@ -56,7 +46,7 @@ def seed_more(slide_a_id: int) -> dict:
     Membership.objects.create(user=path_c, cohort=cohort_a, role="pathologist")
     users.create_user("admin_a", password=PASSWORD, is_staff=True, is_superuser=True)
     template = Slide.objects.get(pk=slide_a_id)
-    model = ModelVersion.objects.get(active=True)
+    model = ModelVersion.objects.get()
     source_prediction = template.predictions.get()
 
     def case_with_slide(accession: str, **fields) -> tuple[Case, Slide]:
@@ -144,7 +134,7 @@ def seed_more(slide_a_id: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cases(portal):  # noqa: F811
+def cases(portal):
     env = _portal_env(portal["db"].parent)
     out = _run(
         [
@@ -248,7 +238,7 @@ def live_count(s: Session, slide_id: int, n: int, what: str = "") -> list[dict]:
 # ---------------------------------------------------------------- annotations are never lost
 
 
-def test_import_merges_by_default_and_replace_needs_confirmation(session, cases, tmp_path):  # noqa: F811
+def test_import_merges_by_default_and_replace_needs_confirmation(session, cases, tmp_path):
     s = session("import")
     page = s.page
     deletes: list[str] = []
@@ -308,7 +298,7 @@ def test_import_merges_by_default_and_replace_needs_confirmation(session, cases,
 
 
 @pytest.mark.parametrize("tool", ["rectangle", "polygon", "freehand", "point"])
-def test_undo_and_redo_of_create_edit_and_delete(session, cases, tool):  # noqa: F811
+def test_undo_and_redo_of_create_edit_and_delete(session, cases, tool):
     s = session(f"undo-{tool}")
     page = s.page
     slide = cases["slide_draw"]
@@ -377,7 +367,7 @@ def _local_id(page) -> str:
 # ---------------------------------------------------------------- what the case is about
 
 
-def test_clinical_question_and_failed_analysis_are_shown(session, cases):  # noqa: F811
+def test_clinical_question_and_failed_analysis_are_shown(session, cases):
     s = session("context")
     page = s.page
     s.login("path_a")
@@ -427,7 +417,7 @@ def _audit_actions(db_path, case_id: int) -> list[str]:
     return [r[0] for r in rows]
 
 
-def test_signing_against_the_ai_prompts_and_a_colleague_answers(session, cases):  # noqa: F811
+def test_signing_against_the_ai_prompts_and_a_colleague_answers(session, cases):
     a = session("signer")
     a.login("path_a")
     open_case(a, cases["case_sign"])

@@ -119,7 +119,10 @@ export class AnnotationLayer {
   }
 
   setVisible(visible) {
-    this.anno.setVisible(visible);
+    this.visible = visible;
+    // With the bulk overlay drawing every shape, Annotorious's own WebGL layer only costs
+    // frame time; selection and the shape editor work without it.
+    this.anno.setVisible(visible && !this.bulk);
     this.bulk?.setVisible(visible);
   }
 
@@ -130,6 +133,7 @@ export class AnnotationLayer {
       this.bulk.clear();
       this.bulk = null;
     }
+    this.setVisible(this.visible ?? true);
   }
 
   /** Redraw the bulk overlay (next frame) after annotations or the selection changed. */

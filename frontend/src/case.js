@@ -349,15 +349,12 @@ export async function initCase() {
   renderSlideList(config, slide);
   const canWrite = config.user.can_write;
   const classes = slide?.prediction?.classes || config.slides.find((s) => s.prediction)?.prediction.classes || [];
-  const bestPrediction = config.slides
-    .map((s) => s.prediction)
-    .filter(Boolean)
-    .sort((a, b) => b.confidence - a.confidence)[0];
   const opinions = new SecondOpinions(config.case, config.colleagues || [], canWrite);
   opinions.load().catch((error) => toast(`Second opinions not loaded: ${error.message}`, 'error'));
-  const diagnosis = new DiagnosisPanel(config.case, classes, canWrite, { aiCall: bestPrediction, opinions });
+  const diagnosis = new DiagnosisPanel(config.case, classes, canWrite, { aiCall: config.ai_call, opinions });
   const failedJob = config.slides.map((s) => s.job).find((j) => j?.state === 'failed');
-  renderAiSuggestion(el('ai-suggestion'), bestPrediction, failedJob);
+  // the case's call, chosen by the server
+  renderAiSuggestion(el('ai-suggestion'), config.ai_call, failedJob);
   diagnosis.load().catch((error) => toast(`Diagnosis not loaded: ${error.message}`, 'error'));
   if (!slide) {
     el('viewer').innerHTML = '<p class="empty-viewer">No slide of this case is ready to view yet.</p>';
