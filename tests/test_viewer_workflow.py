@@ -460,3 +460,54 @@ def test_signing_against_the_ai_prompts_and_a_colleague_answers(session, cases):
     for action in ("second_opinion.open", "second_opinion.assign", "second_opinion.answer"):
         assert action in actions, actions
     assert a.errors == [] and c.errors == [], (a.errors, c.errors)
+
+
+# ---------------------------------------------------------------- keyboard and zoom
+
+MAG = "() => window.__lowmag.magnification"
+CENTRE_X = "() => window.__lowmag.viewer.viewport.getCenter(true).x"
+
+
+def test_shortcuts_work_after_panel_clicks_and_zoom_has_keys_buttons_presets(session, cases):
+    s = session("keys")
+    page = s.page
+    s.login("path_a")
+    open_case(s, cases["case_a"])
+    page.wait_for_selector("#gallery .patch")
+    page.click("#layer-slide")
+    page.click("#layer-slide")  # a checkbox in the side panel now holds the focus
+    page.keyboard.press("h")
+    assert page.is_checked("#layer-heatmap")
+    page.click("#heatmap-opacity")  # a slider holds the focus
+    page.keyboard.press("n")
+    page.wait_for_selector("#gallery .patch.active")
+    page.keyboard.press("h")
+    assert not page.is_checked("#layer-heatmap")
+
+    page.click("#zoom-fit")
+    s.wait_js("() => window.__lowmag.magnification > 0")
+    page.click(".zoombar [data-mag='5']")
+    s.wait_js(f"() => Math.abs(({MAG})() - 5) < 0.05")
+    assert page.inner_text("#magnification") == "5.0x"
+    page.click(".zoombar [data-mag='2']")
+    s.wait_js(f"() => Math.abs(({MAG})() - 2) < 0.05")
+    page.keyboard.press("Shift+Digit1")
+    s.wait_js(f"() => Math.abs(({MAG})() - 1) < 0.05")
+    page.click(".zoombar [data-mag='5']")
+    s.wait_js(f"() => Math.abs(({MAG})() - 5) < 0.05")
+    before = page.evaluate(MAG)
+    page.keyboard.press("+")
+    s.wait_js(f"() => ({MAG})() > {before} * 1.3")
+    page.wait_for_timeout(700)
+    after = page.evaluate(MAG)
+    page.click("#zoom-out")
+    s.wait_js(f"() => ({MAG})() < {after} * 0.9")
+    page.click("#zoom-in")
+    page.click("#zoom-in")
+    page.wait_for_timeout(700)
+    x0 = page.evaluate(CENTRE_X)
+    page.keyboard.press("ArrowRight")
+    s.wait_js(f"() => ({CENTRE_X})() > {x0} + 1e-4")
+    page.keyboard.press("-")
+    s.shot("zoomed")
+    assert s.errors == [], s.errors

@@ -1,9 +1,10 @@
 // The case page: slide viewer, heatmap layer, top regions, annotations, diagnosis, job progress.
 import { api, websocketUrl } from './api.js';
 import { DiagnosisPanel, renderAiSuggestion, SecondOpinions } from './diagnosis.js';
-import { isTyping } from './shortcuts.js';
+import { isTyping, usesArrows } from './shortcuts.js';
 import {
   attachScaleBar,
+  attachZoomControls,
   createViewer,
   goToRegion,
   HeatmapLayer,
@@ -303,13 +304,31 @@ function saveStatus(state, message) {
 
 // ------------------------------------------------------------------ keyboard
 
-function wireKeys({ viewer, heatmap, regions, annotations }) {
+const ARROWS = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+const PRESET_KEYS = { '!': 1, '@': 2, '%': 5 }; // Shift+1, Shift+2, Shift+5 on a US keyboard
+
+function wireKeys({ viewer, heatmap, regions, annotations, zoom }) {
   const toolKeys = { v: 'pan', r: 'rectangle', p: 'polygon', f: 'freehand', o: 'point' };
   document.addEventListener('keydown', (event) => {
     if (isTyping(event) || document.querySelector('dialog[open]')) return;
+    const key = event.key;
+    if (!(event.ctrlKey || event.metaKey || event.altKey)) {
+      if (ARROWS[key] && !usesArrows(event)) {
+        zoom.pan(...ARROWS[key]);
+        event.preventDefault();
+        return;
+      }
+      const digit = /^Digit[125]$/.test(event.code) && event.shiftKey ? Number(event.code.slice(5)) : PRESET_KEYS[key];
+      if (digit) zoom.setMagnification(digit);
+      else if (key === '+' || key === '=') zoom.zoomBy(zoom.step);
+      else if (key === '-' || key === '_') zoom.zoomBy(1 / zoom.step);
+      if (digit || ['+', '=', '-', '_'].includes(key)) {
+        event.preventDefault();
+        return;
+      }
+    }
     const { layer, tools, CLASSES } = annotations;
     if (!layer) return;
-    const key = event.key;
     const lower = key.toLowerCase();
     if ((event.ctrlKey || event.metaKey) && (lower === 'z' || lower === 'y')) {
       event.preventDefault();
@@ -370,8 +389,15 @@ export async function initCase() {
   const regions = new RegionNavigator(viewer, slide);
   el('next-region').addEventListener('click', () => regions.next(1));
 
+  const zoom = attachZoomControls(viewer, slide, {
+    readout: el('magnification'),
+    zoomIn: el('zoom-in'),
+    zoomOut: el('zoom-out'),
+    fit: el('zoom-fit'),
+    presets: [...document.querySelectorAll('.zoombar [data-mag]')],
+  });
   const annotations = {}; // filled once the slide is open: layer, tools, CLASSES
-  wireKeys({ viewer, heatmap, regions, annotations });
+  wireKeys({ viewer, heatmap, regions, annotations, zoom });
 
   await whenOpen(viewer).catch((error) => toast(`Slide failed to open: ${error.message}`, 'error'));
   const image = viewer.world.getItemAt(0);
