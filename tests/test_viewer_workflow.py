@@ -106,6 +106,20 @@ def seed_more(slide_a_id: int) -> dict:
         stage="tissue",
         error="fluorescence-dapi.ndpi: no tissue found at 5x (is this a fluorescence slide?)",
     )
+    from portal.reviews.models import Diagnosis
+
+    case_signed, _ = case_with_slide("S24-0104", status="signed")
+    created = timezone.now() - timedelta(days=3)
+    Case.objects.filter(pk=case_signed.pk).update(created_at=created)
+    Diagnosis.objects.create(
+        case=case_signed,
+        status="signed",
+        call="benign",
+        author=path_c,
+        signed_by=path_c,
+        signed_at=created + timedelta(hours=2, minutes=5),
+        content_hash="0" * 64,
+    )
     # Many open cases of their own cohort, the oldest routine ones created first.
     many = Cohort.objects.create(name="Many", slug="many")
     path_m = users.create_user("path_m", password=PASSWORD)
@@ -130,6 +144,7 @@ def seed_more(slide_a_id: int) -> dict:
         "slide_sign": slide_sign.pk,
         "case_failed": case_failed.pk,
         "slide_failed": slide_failed.pk,
+        "case_signed": case_signed.pk,
     }
 
 
@@ -511,3 +526,72 @@ def test_shortcuts_work_after_panel_clicks_and_zoom_has_keys_buttons_presets(ses
     page.keyboard.press("-")
     s.shot("zoomed")
     assert s.errors == [], s.errors
+
+
+# ---------------------------------------------------------------- worklist
+
+ROW_IDS = "() => [...document.querySelectorAll('#worklist-rows tr.case-row')].map((r) => Number(r.dataset.case))"
+COLUMN = "(i) => [...document.querySelectorAll('#worklist-rows tr.case-row')].map((r) => r.cells[i].dataset.sort ?? r.cells[i].textContent.trim())"
+POST_CASE = """async (body) => {
+  const token = document.cookie.match(/csrftoken=([^;]+)/)[1];
+  const response = await fetch('/api/v1/cases/', { method: 'POST', body: JSON.stringify(body),
+    headers: { 'Content-Type': 'application/json', 'X-CSRFToken': token } });
+  return [response.status, await response.json()];
+}"""
+
+
+def test_worklist_bars_waiting_sorting_and_live_cases(session, cases):
+    s = session("worklist")
+    page = s.page
+    s.login("path_a")
+    bar = page.locator(f"tr[data-case='{cases['case_sign']}'] .confidence .bar")
+    assert bar.bounding_box()["width"] > 30  # 99% of a 60 px track
+
+    server_order = page.evaluate(ROW_IDS)
+    page.click("th button.sort:text('Accession')")
+    accessions = page.evaluate(COLUMN, 1)
+    assert accessions == sorted(accessions)
+    assert page.get_attribute("th:has(button:text('Accession'))", "aria-sort") == "ascending"
+    page.click("th button.sort:text('Accession')")
+    assert page.evaluate(COLUMN, 1) == sorted(accessions, reverse=True)
+    page.click("th button.sort:text('Waiting')")
+    waits = [int(v) for v in page.evaluate(COLUMN, 7)]
+    assert waits == sorted(waits)
+    assert sorted(page.evaluate(ROW_IDS)) == sorted(server_order)
+    s.shot("sorted")
+
+    admin = session("admin-live")
+    admin.login("admin_a")
+    with __import__("sqlite3").connect(cases["db"]) as db:
+        (cohort_a,) = db.execute("SELECT id FROM cases_cohort WHERE slug = 'skin-a'").fetchone()
+    status, created = admin.page.evaluate(
+        POST_CASE,
+        {"cohort": cohort_a, "patient_id": "P-LIVE", "accession_number": "S24-LIVE"},
+    )
+    assert status == 201, created
+    page.wait_for_selector(f"tr[data-case='{created['id']}']", timeout=8000)
+    assert "S24-LIVE" in page.inner_text("#worklist-rows")
+
+    page.goto(s.url("/?queue=signed"))
+    waited = page.locator(f"tr[data-case='{cases['case_signed']}'] td[data-waited]")
+    assert waited.inner_text() == "signed after 2 h"
+    assert int(waited.get_attribute("data-waited")) == 2 * 3600 + 5 * 60
+    assert s.errors == [] and admin.errors == [], (s.errors, admin.errors)
+
+
+def test_worklist_page_and_api_agree_with_600_open_cases(session, cases):
+    s = session("many")
+    s.login("path_m")
+    page_ids = s.page.evaluate(ROW_IDS)
+    api_ids: list[int] = []
+    url = s.url("/api/v1/worklist/?queue=unsigned&page_size=100")
+    while url and len(api_ids) < len(page_ids):
+        body = s.page.request.get(url).json()
+        api_ids += [c["id"] for c in body["results"]]
+        url = body.get("next")
+    assert len(page_ids) == 500
+    assert page_ids == api_ids[:500]
+    accessions = s.page.evaluate(COLUMN, 1)
+    # the six urgent cases first, then the longest-waiting routine cases, oldest first
+    assert accessions[:6] == [f"M24-{i:04d}" for i in range(7, N_MANY, 100)]
+    assert accessions[6:9] == ["M24-0000", "M24-0001", "M24-0002"]

@@ -10,8 +10,9 @@ class ViewerConfig(AppConfig):
         from django.contrib.auth.signals import user_logged_out
         from django.db.models.signals import post_delete, post_save
 
-        from portal.cases.models import Membership
+        from portal.cases.models import Case, Membership
 
+        post_save.connect(_announce_case, sender=Case, dispatch_uid="worklist-live-case")
         user_logged_out.connect(_forget_logged_out_session, dispatch_uid="tiles-logout")
         for signal in (post_save, post_delete):
             signal.connect(_forget_grants, sender=Membership, dispatch_uid=f"tiles-{signal}")
@@ -27,3 +28,13 @@ def _forget_grants(sender, **kwargs) -> None:
     from portal.viewer.tiles import forget_access
 
     forget_access()
+
+
+def _announce_case(sender, instance, **kwargs) -> None:
+    """Worklists showing the case's cohort refresh when a case is created or changes (admin,
+    API, LIS or a task), once the change is committed."""
+    from django.db import transaction
+
+    from portal.analyses.progress import worklist_update
+
+    transaction.on_commit(lambda: worklist_update(instance))

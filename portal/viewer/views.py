@@ -17,7 +17,7 @@ import numpy as np
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.staticfiles import finders
-from django.db.models import Q
+from django.db.models import Min, Q
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
@@ -30,6 +30,7 @@ from portal.cases import worklist as worklists
 from portal.cases.access import PATHOLOGIST, is_admin, role_in, visible
 from portal.cases.models import Case, Cohort, Membership, Slide
 from portal.reviews import audit
+from portal.reviews.models import Diagnosis as SignedDiagnosis
 from portal.reviews.models import SecondOpinionRequest
 
 MAX_TOP_K = 100
@@ -47,7 +48,19 @@ logout_view = auth_views.LogoutView.as_view(next_page="/login/")
 
 # ---------------------------------------------------------------- worklist
 
-WORKLIST_ROWS = 500  # the page lists this many cases of the worklist, most urgent first
+PRIORITY_ORDER = {"frozen": 0, "urgent": 1, "routine": 2}  # for sorting the page's column
+WORKLIST_ROWS = 500
+# (header, how the column sorts); the rows carry a data-sort value where the text would not do
+WORKLIST_COLUMNS = [
+    ("Priority", "number"),
+    ("Accession", "text"),
+    ("Patient", "text"),
+    ("Cohort", "text"),
+    ("Status", "text"),
+    ("AI call", "text"),
+    ("Confidence", "number"),
+    ("Waiting", "number"),
+]  # the page lists this many cases of the worklist, most urgent first
 
 
 def _worklist_filters(params) -> dict:
@@ -71,8 +84,8 @@ def _filtered_cases(request):
     return worklists.worklist(request.user, queue, _worklist_filters(request.GET))[:WORKLIST_ROWS]
 
 
-def _waiting(created_at) -> str:
-    waited = timezone.now() - created_at
+def _waiting(created_at, until=None) -> str:
+    waited = (until or timezone.now()) - created_at
     if waited < timedelta(hours=1):
         return f"{max(1, int(waited.total_seconds() // 60))} min"
     if waited < timedelta(days=2):
@@ -100,16 +113,29 @@ def _worklist_rows(request) -> list[dict]:
     cases = list(_filtered_cases(request))
     calls = ai_calls([c.pk for c in cases])
     failed = _failed_analyses([c.pk for c in cases if c.pk not in calls])
-    return [
-        {
-            "case": case,
-            "ai": calls.get(case.pk),
-            "ai_failed": failed.get(case.pk, ""),
-            "waiting": _waiting(case.created_at),
-            "waited_s": int((timezone.now() - case.created_at).total_seconds()),
-        }
-        for case in cases
-    ]
+    # A signed case stops waiting at its first signature.
+    signed_at = dict(
+        SignedDiagnosis.objects.filter(case_id__in=[c.pk for c in cases if c.status == "signed"])
+        .values("case_id")
+        .annotate(first=Min("signed_at"))
+        .values_list("case_id", "first")
+    )
+    now = timezone.now()
+    rows = []
+    for case in cases:
+        until = signed_at.get(case.pk) if case.status == "signed" else None
+        rows.append(
+            {
+                "case": case,
+                "ai": calls.get(case.pk),
+                "ai_failed": failed.get(case.pk, ""),
+                "waiting": _waiting(case.created_at, until),
+                "waited_s": int(((until or now) - case.created_at).total_seconds()),
+                "signed": until is not None,
+                "priority_rank": PRIORITY_ORDER.get(case.priority, 9),
+            }
+        )
+    return rows
 
 
 @login_required
@@ -123,6 +149,7 @@ def worklist(request):
         statuses=Case.STATUSES,
         priorities=Case.PRIORITIES,
         cohorts=visible(Cohort.objects.all(), request.user, "pk"),
+        columns=WORKLIST_COLUMNS,
         current=request.GET,
     )
     return render(request, "viewer/worklist.html", context)
