@@ -145,6 +145,7 @@ def seed_more(slide_a_id: int) -> dict:
         "case_failed": case_failed.pk,
         "slide_failed": slide_failed.pk,
         "case_signed": case_signed.pk,
+        "slide_signed": case_signed.slides.get().pk,
     }
 
 
@@ -449,6 +450,9 @@ def test_signing_against_the_ai_prompts_and_a_colleague_answers(session, cases):
     page.fill("#sign-password", PASSWORD)
     page.click("#sign-confirm")
     page.wait_for_selector("#diagnosis-saved:has-text('Second opinion requested from path_c')")
+    # Signing locks the annotations in the page at once.
+    assert page.locator("[data-tool=rectangle]").is_disabled()
+    assert page.locator("#annotations-locked").is_visible()
     assert "disagrees" in page.inner_text("#second-opinion-list")
 
     c = session("colleague")
@@ -595,3 +599,23 @@ def test_worklist_page_and_api_agree_with_600_open_cases(session, cases):
     # the six urgent cases first, then the longest-waiting routine cases, oldest first
     assert accessions[:6] == [f"M24-{i:04d}" for i in range(7, N_MANY, 100)]
     assert accessions[6:9] == ["M24-0000", "M24-0001", "M24-0002"]
+
+
+def test_annotations_are_read_only_on_a_signed_case(session, cases):
+    s = session("signed-readonly")
+    page = s.page
+    s.login("path_a")
+    open_case(s, cases["case_signed"])
+    page.wait_for_selector("#annotations-locked:not([hidden])")
+    assert "signed" in page.inner_text("#annotations-locked")
+    for tool in ("rectangle", "polygon", "freehand", "point"):
+        assert page.locator(f"[data-tool={tool}]").is_disabled()
+    assert page.locator("#import-open").is_disabled()
+    page.keyboard.press("r")
+    assert page.locator("[data-tool=pan].active").count() == 1
+    page.mouse.click(*viewer_centre(s))  # a click with the point tool's key pressed earlier
+    page.keyboard.press("o")
+    page.mouse.click(*viewer_centre(s))
+    page.wait_for_timeout(300)
+    assert server_annotations(s, cases["slide_signed"]) == []
+    assert s.errors == [], s.errors

@@ -162,7 +162,15 @@ export class AnnotationLayer {
     this._refreshBulk();
   }
 
+  setWritable(writable) {
+    this.canWrite = writable;
+    this.anno.cancelSelected();
+    this.anno.setUserSelectAction(writable ? 'EDIT' : 'SELECT');
+    if (!writable) this.setTool('pan');
+  }
+
   setTool(tool) {
+    if (!this.canWrite && tool !== 'pan') return;
     this.tool = tool;
     this.anno.cancelDrawing?.();
     if (tool === 'rectangle' || tool === 'polygon') {

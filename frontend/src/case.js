@@ -218,18 +218,29 @@ function wireAnnotationTools(layer, canWrite, CLASSES) {
   select.addEventListener('change', () => layer.setClass(select.value));
   const buttons = [...document.querySelectorAll('#tools [data-tool]')];
   const setTool = (tool) => {
+    if (!layer.canWrite && tool !== 'pan') return;
     layer.setTool(tool);
     buttons.forEach((b) => b.classList.toggle('active', b.dataset.tool === tool));
   };
-  buttons.forEach((b) => {
-    b.disabled = !canWrite && b.dataset.tool !== 'pan';
-    b.addEventListener('click', () => setTool(b.dataset.tool));
-  });
+  buttons.forEach((b) => b.addEventListener('click', () => setTool(b.dataset.tool)));
   const undo = el('undo');
   const redo = el('redo');
   const refreshUndo = () => {
-    undo.disabled = !layer.canUndo();
-    redo.disabled = !layer.canRedo();
+    undo.disabled = !layer.canWrite || !layer.canUndo();
+    redo.disabled = !layer.canWrite || !layer.canRedo();
+  };
+  /** Editing on or off: off for readers, and for everyone once the case is signed. */
+  const setWritable = (writable, reason = '') => {
+    layer.setWritable(writable);
+    if (!writable) setTool('pan');
+    buttons.forEach((b) => (b.disabled = !writable && b.dataset.tool !== 'pan'));
+    select.disabled = !writable;
+    el('delete-selected').disabled = true;
+    el('import-open').disabled = !writable;
+    const notice = el('annotations-locked');
+    notice.hidden = writable || !reason;
+    notice.textContent = reason;
+    refreshUndo();
   };
   undo.addEventListener('click', () => {
     layer.undo();
@@ -240,7 +251,7 @@ function wireAnnotationTools(layer, canWrite, CLASSES) {
     refreshUndo();
   });
   el('delete-selected').addEventListener('click', () => layer.deleteSelected());
-  layer.anno.on('selectionChanged', (selected) => (el('delete-selected').disabled = !canWrite || !selected.length));
+  layer.anno.on('selectionChanged', (selected) => (el('delete-selected').disabled = !layer.canWrite || !selected.length));
   el('export-geojson').addEventListener('click', async () => {
     try {
       const n = await layer.exportGeoJSON();
@@ -249,11 +260,11 @@ function wireAnnotationTools(layer, canWrite, CLASSES) {
       toast(`Export failed: ${error.message}`, 'error');
     }
   });
-  wireImport(layer, canWrite);
-  return { setTool, refreshUndo, select };
+  wireImport(layer);
+  return { setTool, refreshUndo, select, setWritable };
 }
 
-function wireImport(layer, canWrite) {
+function wireImport(layer) {
   const dialog = el('import-dialog');
   const form = el('import-form');
   const input = el('import-geojson');
@@ -261,7 +272,6 @@ function wireImport(layer, canWrite) {
   const confirmBox = el('import-replace-confirm');
   const error = el('import-error');
   const opener = el('import-open');
-  opener.disabled = !canWrite;
   opener.addEventListener('click', () => {
     form.reset();
     warning.hidden = true;
@@ -412,6 +422,10 @@ export async function initCase() {
     onCount: (n) => (el('layer-annotations').parentElement.dataset.count = n),
   });
   Object.assign(annotations, { layer, CLASSES, tools: wireAnnotationTools(layer, canWrite, CLASSES) });
+  const signedLock = 'Annotations are read-only: the case is signed (an amendment does not reopen them).';
+  const locked = () => config.case.annotations_locked || diagnosis.isSigned() || config.case.status === 'signed';
+  annotations.tools.setWritable(canWrite && !locked(), canWrite ? signedLock : '');
+  document.addEventListener('lowmag:signed', () => annotations.tools.setWritable(false, signedLock));
   el('layer-annotations').addEventListener('change', (e) => layer.setVisible(e.target.checked));
   window.__lowmag.annotations = layer;
   const afterFirstPaint = () => {

@@ -107,6 +107,10 @@ export class DiagnosisPanel {
     this._wire();
   }
 
+  isSigned() {
+    return this.versions.some((v) => v.status === 'signed');
+  }
+
   _fillCalls(select, classes) {
     for (const name of [...classes, 'other (see text)']) {
       const option = document.createElement('option');
@@ -154,6 +158,7 @@ export class DiagnosisPanel {
         <span class="hash" title="content hash">${escapeText((d.content_hash || '').slice(0, 12))}</span>`;
     }
     el('diagnosis-panel').classList.toggle('is-signed', signed);
+    if (signed) document.dispatchEvent(new CustomEvent('lowmag:signed'));
     if (signed) el('diagnosis-saved').textContent = '';
     this._renderCaseStatus(signed ? 'signed' : d ? 'in_review' : this.caseInfo.status);
     el('diagnosis-versions').innerHTML = this.versions.length > 1
