@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.browser_fixtures import PASSWORD, Session, _portal_env, _run
+from tests.conftest import REPO_ROOT
 from tests.test_browser import CHROMIUM, DIST
 
 pytestmark = [
@@ -619,3 +620,57 @@ def test_annotations_are_read_only_on_a_signed_case(session, cases):
     page.wait_for_timeout(300)
     assert server_annotations(s, cases["slide_signed"]) == []
     assert s.errors == [], s.errors
+
+
+# ---------------------------------------------------------------- accessibility
+
+AXE = REPO_ROOT / "frontend" / "node_modules" / "axe-core" / "axe.min.js"
+RUN_AXE = """async () => {
+  const result = await axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice'] } });
+  return result.violations.filter((v) => ['serious', 'critical'].includes(v.impact))
+    .map((v) => `${v.id} (${v.impact}): ${v.nodes.length} x ${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join(' | ')} ${v.nodes[0]?.failureSummary?.slice(0, 160) || ''}`);
+}"""
+
+
+def _axe(s: Session) -> list[str]:
+    s.page.add_script_tag(path=str(AXE))
+    return s.page.evaluate(RUN_AXE)
+
+
+@pytest.mark.skipif(not AXE.exists(), reason="axe-core missing: npm ci in frontend/")
+def test_no_serious_accessibility_violations(browser, cases):
+    from tests.browser_fixtures import Session as BrowserSession
+
+    s = BrowserSession(browser, cases, "axe")
+    s.context.close()  # a context that lets the test inject axe despite the page's CSP
+    s.context = browser.new_context(viewport={"width": 1366, "height": 768}, bypass_csp=True)
+    s.page = s.context.new_page()
+    page = s.page
+    try:
+        page.goto(s.url("/login/"))
+        found = {"login": _axe(s)}
+        s.login("path_a")
+        found["worklist"] = _axe(s)
+        open_case(s, cases["case_a"])
+        s.wait_js("() => window.__lowmag.annotations !== undefined")
+        page.wait_for_selector("#gallery .patch")
+        found["case"] = _axe(s)
+        page.goto(s.url("/second-opinions/"))
+        found["inbox"] = _axe(s)
+        # keyboard: Import is reachable with Tab and shows a focus outline
+        page.goto(s.url(f"/cases/{cases['case_draw']}/"))
+        s.wait_js("() => window.__lowmag.annotations !== undefined")
+        for _ in range(40):
+            page.keyboard.press("Tab")
+            if page.evaluate("() => document.activeElement.id") == "import-open":
+                break
+        assert page.evaluate("() => document.activeElement.id") == "import-open"
+        outline = page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
+        assert outline not in ("none", ""), outline
+        page.keyboard.press("Enter")
+        assert page.locator("#import-dialog").is_visible()
+        headings = page.locator("h1").count()
+    finally:
+        s.close()
+    assert all(not v for v in found.values()), found
+    assert headings == 1
