@@ -172,6 +172,7 @@ def seed_portal(slide_src: str) -> dict:
         "case_a": case_a.pk,
         "slide_a": slide_a.pk,
         "case_bulk": case_bulk.pk,
+        "slide_bulk": slide_bulk.pk,
         "case_b": case_b.pk,
         "slide_b": slide_b.pk,
     }

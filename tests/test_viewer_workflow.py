@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.browser_fixtures import PASSWORD, Session, _portal_env, _run
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, shared_slide
 from tests.test_browser import CHROMIUM, DIST
 
 pytestmark = [
@@ -674,3 +675,72 @@ def test_no_serious_accessibility_violations(browser, cases):
         s.close()
     assert all(not v for v in found.values()), found
     assert headings == 1
+
+
+# ---------------------------------------------------------------- QuPath on the original scan
+
+IMPORT = """async ([slide, body]) => {
+  const token = document.cookie.match(/csrftoken=([^;]+)/)[1];
+  const response = await fetch(`/api/v1/annotations/import?slide=${slide}`, { method: 'POST',
+    body: JSON.stringify(body), headers: { 'Content-Type': 'application/json', 'X-CSRFToken': token } });
+  return response.status;
+}"""
+
+
+def test_export_in_the_original_scans_frame(session, cases, tmp_path):
+    import openslide
+
+    s = session("export-frame")
+    page = s.page
+    s.login("path_a")
+    open_case(s, cases["case_draw"])
+    slide_5x = [(100, 120), (400.5, 610.25)]
+    feature = {
+        "type": "Feature",
+        "geometry": {"type": "LineString", "coordinates": [list(p) for p in slide_5x]},
+        "properties": {},
+    }
+    assert page.evaluate(IMPORT, [cases["slide_draw"], feature]) == 201
+    page.select_option("#export-frame", "source")
+    with page.expect_download() as download:
+        page.click("#export-geojson")
+    path = tmp_path / download.value.suggested_filename
+    download.value.save_as(path)
+    assert path.name == "cmu-1-small-region.geojson"  # named after the original scan
+    exported = json.loads(path.read_text())
+    frame = exported["lowmag_frame"]
+    assert frame["frame"] == "source" and (frame["width"], frame["height"]) == (2220, 2967)
+    page.wait_for_selector("#toast:has-text('original scan')")
+    # The same places on the original: its own pixel size says where they are.
+    with openslide.OpenSlide(str(shared_slide("cmu-1-small-region.svs"))) as original:
+        source_mpp = float(original.properties["openslide.mpp-x"])
+        assert original.dimensions == (2220, 2967)
+    with openslide.OpenSlide(_slide_path(cases, cases["slide_draw"])) as export:
+        export_mpp = float(export.properties["openslide.mpp-x"])
+        scale = (2220 / export.dimensions[0], 2967 / export.dimensions[1])
+    coordinates = exported["features"][0]["geometry"]["coordinates"]
+    for (x5, y5), (xs, ys) in zip(slide_5x, coordinates, strict=True):
+        assert abs(xs - x5 * scale[0]) <= 1 and abs(ys - y5 * scale[1]) <= 1
+        assert abs(xs - x5 * export_mpp / source_mpp) <= 1  # within one source pixel
+        assert abs(ys - y5 * export_mpp / source_mpp) <= 1.5  # (the export rounds its height)
+    page.select_option("#export-frame", "slide")
+    with page.expect_download() as download:
+        page.click("#export-geojson")
+    plain = json.loads(Path(download.value.path()).read_text())
+    assert plain["lowmag_frame"]["frame"] == "slide"
+    assert plain["features"][0]["geometry"]["coordinates"] == [list(p) for p in slide_5x]
+    clear_slide(s, cases["slide_draw"])
+    # A slide that is itself the original records no other frame: a clear refusal.
+    refused = page.request.get(
+        s.url(f"/api/v1/annotations/export?slide={cases['slide_bulk']}&frame=source")
+    )
+    assert refused.status == 400 and "not a LowMag export" in refused.text()
+    assert s.errors == [], s.errors
+
+
+def _slide_path(cases, slide_id: int) -> str:
+    import sqlite3
+
+    with sqlite3.connect(cases["db"]) as db:
+        (file,) = db.execute("SELECT file FROM cases_slide WHERE id = ?", (slide_id,)).fetchone()
+    return str(cases["db"].parent / "data" / "slides" / file)

@@ -428,18 +428,20 @@ export class AnnotationLayer {
 
   // ---------------------------------------------------------------- GeoJSON
 
-  async exportGeoJSON() {
+  /** Download the slide's annotations; ``frame`` 'source' maps them to the original scan. */
+  async exportGeoJSON(frame = 'slide') {
     await this.queue;
-    const { data } = await api(`/api/v1/annotations/export?slide=${this.slide.id}`);
+    const { data } = await api(`/api/v1/annotations/export?slide=${this.slide.id}&frame=${frame}`);
     const blob = new Blob([JSON.stringify(data, null, 1)], { type: 'application/geo+json' });
     const link = document.createElement('a');
     link.href = URL.createObjectURL(blob);
-    link.download = `${this.slide.name.replace(/\.[^.]+$/, '')}.geojson`;
+    const base = frame === 'source' ? data.lowmag_frame?.source || this.slide.name : this.slide.name;
+    link.download = `${base.replace(/\.[^.]+$/, '')}${frame === 'source' ? '' : '.lowmag'}.geojson`;
     document.body.appendChild(link);
     link.click();
     link.remove();
     setTimeout(() => URL.revokeObjectURL(link.href), 1000);
-    return data.features?.length ?? 0;
+    return { count: data.features?.length ?? 0, frame: data.lowmag_frame };
   }
 
   /** Import a GeoJSON file: ``merge`` adds to the slide's annotations, ``replace`` swaps mine. */

@@ -254,8 +254,11 @@ function wireAnnotationTools(layer, canWrite, CLASSES) {
   layer.anno.on('selectionChanged', (selected) => (el('delete-selected').disabled = !layer.canWrite || !selected.length));
   el('export-geojson').addEventListener('click', async () => {
     try {
-      const n = await layer.exportGeoJSON();
-      toast(`Exported ${n} annotation${n === 1 ? '' : 's'} as GeoJSON`);
+      const { count: n, frame } = await layer.exportGeoJSON(el('export-frame').value);
+      const where = frame?.frame === 'source'
+        ? `in the original scan's frame (${frame.width} × ${frame.height} px)`
+        : `in this file's frame (${frame?.width} × ${frame?.height} px)`;
+      toast(`Exported ${n} annotation${n === 1 ? '' : 's'} as GeoJSON ${where}`);
     } catch (error) {
       toast(`Export failed: ${error.message}`, 'error');
     }

@@ -446,7 +446,16 @@ class AnnotationViewSet(viewsets.ModelViewSet):
             raise geojson.GeometryError(f"feature {index}: {exc}") from exc
 
     @extend_schema(
-        parameters=[SLIDE_PARAM],
+        parameters=[
+            SLIDE_PARAM,
+            OpenApiParameter(
+                "frame",
+                str,
+                enum=["slide", "source"],
+                description="slide (default): this file's level-0 pixels; source: the original "
+                "scan's pixels, from the export's recorded source size (QuPath on the original).",
+            ),
+        ],
         responses={
             200: OpenApiResponse(response=s.FEATURE_COLLECTION_SCHEMA, description="GeoJSON")
         },
@@ -457,9 +466,33 @@ class AnnotationViewSet(viewsets.ModelViewSet):
     def export_geojson(self, request):
         """The slide's live annotations as a QuPath-readable GeoJSON FeatureCollection."""
         slide = self._slide_from_query()
+        frame = request.query_params.get("frame", "slide")
+        if frame not in ("slide", "source"):
+            raise ValidationError({"frame": "frame is 'slide' (this file's pixels) or 'source'"})
         annotations = slide.annotations.filter(deleted=False).select_related("author")
-        audit.record(request.user, "annotation.export", slide, case=slide.case, request=request)
-        return Response(geojson.feature_collection(annotations))
+        collection = geojson.feature_collection(annotations)
+        frame_info = {"frame": "slide", "width": slide.width, "height": slide.height}
+        if frame == "source":
+            import openslide
+
+            with openslide.OpenSlide(slide.path) as opened:
+                source = geojson.source_frame(opened.properties, slide.width, slide.height)
+            if source is None:
+                raise ValidationError(
+                    {
+                        "frame": "this slide records no original scan (it is not a LowMag export); "
+                        "export in the slide frame"
+                    }
+                )
+            sx, sy = source["scale"]
+            for feature in collection["features"]:
+                feature["geometry"] = geojson.scale_geometry(feature["geometry"], sx, sy)
+            frame_info = source
+        collection["lowmag_frame"] = {**frame_info, "slide_mpp": slide.mpp}
+        audit.record(
+            request.user, "annotation.export", slide, case=slide.case, request=request, frame=frame
+        )
+        return Response(collection)
 
 
 class DiagnosisViewSet(viewsets.ModelViewSet):
