@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from analysis.mil.gltrans import as_bag, bag_output
+from analysis.mil.bag import as_bag, bag_output
 
 
 @dataclass
