@@ -93,6 +93,11 @@ function wireHeatmap(viewer, slide, legend, isAdmin) {
     return null;
   }
   const layer = new HeatmapLayer(viewer, slide.prediction.heatmap_dzi);
+  const clusters = slide.prediction.clusters || [];
+  el('cluster-legend-items').innerHTML = clusters
+    .map((c) => `<li><span class="swatch" style="background:${c.color}"></span>cluster ${c.id + 1} <span class="muted">${c.cells} patches</span></li>`)
+    .join('');
+  if (!clusters.length) el('heatmap-layer').querySelector('option[value=clusters]').disabled = true;
   const opacity = el('heatmap-opacity');
   const threshold = el('heatmap-threshold');
   const show = () => {
@@ -106,6 +111,7 @@ function wireHeatmap(viewer, slide, legend, isAdmin) {
     const clusters = which.value === 'clusters';
     threshold.disabled = clusters; // categories are not thresholded
     document.querySelector('.heatmap-controls .legend').hidden = clusters;
+    el('cluster-legend').hidden = !clusters;
   });
   opacity.addEventListener('input', () => {
     layer.setOpacity(Number(opacity.value));

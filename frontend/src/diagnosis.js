@@ -201,6 +201,46 @@ export class DiagnosisPanel {
   }
 
   async _save() {
+    try {
+      await this._write();
+    } catch (error) {
+      if (!(error.status === 409 || error.status === 412) || this.current?.status === 'signed') throw error;
+      await this._resolveConflict();
+    }
+  }
+
+  /** Another tab (or colleague) saved the draft first: keep what is typed here, show theirs,
+   *  and save on top of their version only when this text is edited again. */
+  async _resolveConflict() {
+    const mine = this._values();
+    const { data } = await api(`/api/v1/diagnoses?case=${this.caseInfo.id}&ordering=version&page_size=100`);
+    this.versions = data.results;
+    this.current = this.versions[this.versions.length - 1] || null;
+    const theirs = this.current;
+    const banner = el('draft-conflict');
+    if (!theirs || theirs.status !== 'draft') {
+      this.render();
+      return;
+    }
+    const differs = Object.entries(mine).filter(([k, v]) => (theirs[k] || '') !== v);
+    if (!differs.length) {
+      banner.hidden = true;
+      this.render();
+      return;
+    }
+    banner.innerHTML = `<strong>This draft was also saved elsewhere</strong> (another tab or a colleague, version ${theirs.row_version}).
+      Your text stays in the form; edit it (or press Save mine) to save it over theirs. Theirs:
+      <dl>${differs.map(([k]) => `<dt>${escapeText(k.replace('_', ' '))}</dt><dd>${escapeText(theirs[k] || '—')}</dd>`).join('')}</dl>
+      <button type="button" id="draft-keep-mine">Save mine</button>`;
+    banner.hidden = false;
+    el('draft-keep-mine').addEventListener('click', () => {
+      banner.hidden = true;
+      this.flush();
+    });
+    el('diagnosis-saved').textContent = 'not saved: conflict with another tab';
+  }
+
+  async _write() {
     const body = this._values();
     const d = this.current;
     let data;

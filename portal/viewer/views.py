@@ -23,7 +23,7 @@ from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
-from analysis.heatmap import colormap_lut
+from analysis.heatmap import CATEGORY_COLOURS, colormap_lut
 from portal.analyses.calls import ai_call, ai_calls
 from portal.analyses.models import AnalysisJob, Prediction
 from portal.cases import worklist as worklists
@@ -163,6 +163,19 @@ def _visible_case(user, case_id: int) -> Case:
     return get_object_or_404(cases, pk=case_id)
 
 
+def _cluster_legend(p: Prediction) -> list[dict]:
+    """The k-means clusters of a prediction with their map colours and sizes (cells)."""
+    ids, counts = np.unique(p.cluster_ids(), return_counts=True)
+    return [
+        {
+            "id": int(i),
+            "color": "rgb({},{},{})".format(*CATEGORY_COLOURS[int(i) % len(CATEGORY_COLOURS)]),
+            "cells": int(n),
+        }
+        for i, n in zip(ids, counts, strict=True)
+    ]
+
+
 def _prediction_json(p: Prediction) -> dict:
     return {
         "id": p.pk,
@@ -172,6 +185,7 @@ def _prediction_json(p: Prediction) -> dict:
         "model": str(p.model_version),
         "classes": list(p.model_version.classes or p.probabilities.keys()),
         "heatmap_dzi": f"/slides/{p.slide_id}/heatmap/{p.pk}.dzi",
+        "clusters": _cluster_legend(p),
         "created_at": p.created_at.isoformat(),
     }
 
@@ -296,24 +310,41 @@ def second_opinions(request):
 # ---------------------------------------------------------------- viewer JSON and images
 
 
-def top_regions(scores: np.ndarray, grid_rc: np.ndarray, k: int, spacing: int = 2) -> list[int]:
-    """Indices of up to ``k`` highest-scoring cells, no two within ``spacing`` cells (Chebyshev).
+MIN_REGION_SCORE = 0.05  # a cell scoring less is never shown as a high-score region
+REGION_FILL_FRACTION = 0.5  # neighbours fill the gallery down to half the top score
 
-    A greedy non-maximum suppression: each pick stands for one high-scoring region, so jumping
-    from pick to pick visits different places rather than neighbouring cells of one hot spot.
+
+def top_regions(scores: np.ndarray, grid_rc: np.ndarray, k: int, spacing: int = 2) -> list[int]:
+    """Indices of up to ``k`` high-scoring cells, highest first.
+
+    First one pick per hot spot (greedy non-maximum suppression: no two picks within
+    ``spacing`` cells, Chebyshev), so that jumping from pick to pick visits different places.
+    When fewer than ``k`` spots exist, the remaining places go to the next best cells, which
+    may sit beside a pick, down to half the top score; cells scoring (almost) nothing are
+    never shown, so a slide with one hot spot gives a short gallery, not one padded with 0.00.
     """
     order = np.argsort(-scores, kind="stable")
+    if not len(order):
+        return []
+    floor = max(MIN_REGION_SCORE, REGION_FILL_FRACTION * float(scores[order[0]]))
     picked: list[int] = []
     picked_rc = np.empty((0, 2), dtype=np.int64)
     for index in order:
-        if len(picked) >= k:
+        if len(picked) >= k or scores[index] < MIN_REGION_SCORE:
             break
         rc = grid_rc[index]
         if len(picked_rc) and np.min(np.max(np.abs(picked_rc - rc), axis=1)) <= spacing:
             continue
         picked.append(int(index))
         picked_rc = np.vstack([picked_rc, rc[None, :]])
-    return picked
+    chosen = set(picked)
+    for index in order:
+        if len(picked) >= k or scores[index] < floor:
+            break
+        if int(index) not in chosen:
+            picked.append(int(index))
+            chosen.add(int(index))
+    return sorted(picked, key=lambda i: (-float(scores[i]), i))
 
 
 @login_required
