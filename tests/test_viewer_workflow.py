@@ -804,3 +804,75 @@ def test_missing_and_forbidden_pages_are_styled(session, cases):
         "() => getComputedStyle(document.querySelector('header.topbar')).backgroundColor"
     )
     assert topbar == "rgb(29, 35, 48)"  # the portal's own page and stylesheet, not a bare one
+
+
+def test_annotation_list_ruler_and_next_case(session, cases):
+    s = session("list-ruler")
+    page = s.page
+    s.login("path_a")
+    page.goto(s.url(f"/cases/{cases['case_draw']}/"))
+    features = [
+        {
+            "type": "Feature",
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [
+                    [[100, 100], [200, 100], [200, 200], [150, 220], [100, 200], [100, 100]]
+                ],
+            },
+            "properties": {"name": "margin focus", "classification": {"name": "Tumor"}},
+        },
+        {
+            "type": "Feature",
+            "geometry": {"type": "LineString", "coordinates": [[300, 300], [300, 600]]},
+            "properties": {},
+        },
+    ]
+    assert (
+        page.evaluate(
+            IMPORT, [cases["slide_draw"], {"type": "FeatureCollection", "features": features}]
+        )
+        == 201
+    )
+    open_case(s, cases["case_draw"])
+    items = page.locator("#annotation-list .annotation-item")
+    items.first.wait_for()
+    mpp = page.evaluate(
+        "() => JSON.parse(document.getElementById('viewer-config').textContent).slides[0].mpp"
+    )
+    texts = sorted(items.all_inner_texts())
+    area_mm2 = (100 * 100 + 0.5 * 100 * 20) * mpp * mpp / 1e6
+    assert (
+        texts[0].startswith("Tumor")
+        and f"{area_mm2:.3f} mm²" in texts[0]
+        and "margin focus" in texts[0]
+    )
+    assert texts[1].startswith("unclassified") and f"{round(300 * mpp)} µm" in texts[1]
+    zoom = page.evaluate("() => window.__lowmag.viewer.viewport.getZoom(true)")
+    page.locator("#annotation-list .annotation-item", has_text="Tumor").click()
+    s.wait_js(f"() => window.__lowmag.viewer.viewport.getZoom(true) > {zoom} * 1.5")
+
+    page.keyboard.press("m")
+    cx, cy = viewer_centre(s)
+    page.mouse.move(cx - 100, cy)
+    page.mouse.down()
+    page.mouse.move(cx + 100, cy, steps=5)
+    page.mouse.up()
+    expected = page.evaluate(
+        "(mpp) => { const v = window.__lowmag.viewer; const img = v.world.getItemAt(0);"
+        " return 200 / img.viewportToImageZoom(v.viewport.getZoom(true)) * mpp; }",
+        mpp,
+    )
+    measured = page.evaluate("() => window.__lowmag.rulerUm")
+    assert abs(measured - expected) <= 0.02 * expected, (measured, expected)
+    assert "µm" in page.inner_text("#ruler-length")
+    assert server_annotations(s, cases["slide_draw"]).__len__() == 2  # a ruler saves nothing
+    s.shot("list-and-ruler")
+    clear_slide(s, cases["slide_draw"])
+
+    link = page.locator("#next-case")
+    assert link.count() == 1 and "Next case" in link.inner_text()
+    link.click()
+    page.wait_for_url("**/cases/*/")
+    assert f"/cases/{cases['case_draw']}/" not in page.url
+    assert s.errors == [], s.errors

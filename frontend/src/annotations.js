@@ -84,9 +84,11 @@ export class AnnotationLayer {
     this.server.clear();
     this._useBulk(rows.length >= BULK_ABOVE);
     const annotations = [];
+    this.names = new Map(); // local id -> the annotation's name (QuPath's comment line)
     for (const row of rows) {
       const id = `a${row.id}`;
       this.server.set(id, { id: row.id, version: row.version });
+      if (row.name) this.names.set(id, row.name);
       try {
         annotations.push(localAnnotation(id, selectorFromGeometry(row.geometry), row.classification?.name));
       } catch (error) {
@@ -170,7 +172,7 @@ export class AnnotationLayer {
   }
 
   setTool(tool) {
-    if (!this.canWrite && tool !== 'pan') return;
+    if (!this.canWrite && tool !== 'pan' && tool !== 'measure') return;
     this.tool = tool;
     this.anno.cancelDrawing?.();
     if (tool === 'rectangle' || tool === 'polygon') {
@@ -180,7 +182,7 @@ export class AnnotationLayer {
     } else {
       this.anno.setDrawingEnabled(false);
     }
-    this.viewer.setMouseNavEnabled(tool !== 'freehand');
+    this.viewer.setMouseNavEnabled(tool !== 'freehand' && tool !== 'measure');
     this.viewer.element.dataset.tool = tool;
   }
 

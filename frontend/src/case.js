@@ -1,4 +1,5 @@
 // The case page: slide viewer, heatmap layer, top regions, annotations, diagnosis, job progress.
+import OpenSeadragon from 'openseadragon';
 import { api, websocketUrl } from './api.js';
 import { DiagnosisPanel, renderAiSuggestion, SecondOpinions } from './diagnosis.js';
 import { isTyping, usesArrows } from './shortcuts.js';
@@ -9,6 +10,7 @@ import {
   goToRegion,
   HeatmapLayer,
   prefetchPyramid,
+  slideImage,
   timing,
   whenOpen,
 } from './viewer.js';
@@ -38,7 +40,13 @@ function renderSlideList(config, slide) {
   for (const s of config.slides) {
     const link = document.createElement(s.status === 'ready' ? 'a' : 'span');
     link.className = `slide-link${s.id === slide?.id ? ' active' : ''}`;
-    link.textContent = `${s.name}${s.status === 'ready' ? '' : ` (${s.status})`}`;
+    if (s.status === 'ready') {
+      const thumb = document.createElement('img');
+      Object.assign(thumb, { src: s.thumbnail, alt: '', loading: 'lazy', width: 48, height: 36 });
+      thumb.addEventListener('error', () => thumb.remove());
+      link.appendChild(thumb);
+    }
+    link.append(`${s.name}${s.status === 'ready' ? '' : ` (${s.status})`}`);
     if (s.status === 'ready') link.href = `?slide=${s.id}`;
     if (s.failure_reason) link.title = s.failure_reason;
     list.appendChild(link);
@@ -224,7 +232,7 @@ function wireAnnotationTools(layer, canWrite, CLASSES) {
   select.addEventListener('change', () => layer.setClass(select.value));
   const buttons = [...document.querySelectorAll('#tools [data-tool]')];
   const setTool = (tool) => {
-    if (!layer.canWrite && tool !== 'pan') return;
+    if (!layer.canWrite && tool !== 'pan' && tool !== 'measure') return;
     layer.setTool(tool);
     buttons.forEach((b) => b.classList.toggle('active', b.dataset.tool === tool));
   };
@@ -239,7 +247,7 @@ function wireAnnotationTools(layer, canWrite, CLASSES) {
   const setWritable = (writable, reason = '') => {
     layer.setWritable(writable);
     if (!writable) setTool('pan');
-    buttons.forEach((b) => (b.disabled = !writable && b.dataset.tool !== 'pan'));
+    buttons.forEach((b) => (b.disabled = !writable && !['pan', 'measure'].includes(b.dataset.tool)));
     select.disabled = !writable;
     el('delete-selected').disabled = true;
     el('import-open').disabled = !writable;
@@ -310,6 +318,140 @@ function wireImport(layer) {
   });
 }
 
+// ------------------------------------------------------------------ ruler
+
+/** The measure tool: drag a line, read its length in µm; nothing is saved. */
+function wireRuler(viewer, slide, layer) {
+  const element = viewer.element;
+  const svg = document.createElementNS('http://www.w3.org/2000/svg', 'svg');
+  svg.classList.add('ruler');
+  svg.innerHTML = '<line></line><text></text>';
+  element.appendChild(svg);
+  const [line, label] = [svg.querySelector('line'), svg.querySelector('text')];
+  let start = null;
+  const local = (event) => {
+    const box = element.getBoundingClientRect();
+    return [event.clientX - box.left, event.clientY - box.top];
+  };
+  const draw = (a, b) => {
+    line.setAttribute('x1', a[0]);
+    line.setAttribute('y1', a[1]);
+    line.setAttribute('x2', b[0]);
+    line.setAttribute('y2', b[1]);
+    const image = slideImage(viewer);
+    const [p, q] = [a, b].map(([x, y]) => image.viewerElementToImageCoordinates(new OpenSeadragon.Point(x, y)));
+    const px = Math.hypot(q.x - p.x, q.y - p.y);
+    const text = formatLength(px, slide.mpp);
+    label.textContent = text;
+    label.setAttribute('x', (a[0] + b[0]) / 2 + 8);
+    label.setAttribute('y', (a[1] + b[1]) / 2 - 8);
+    el('ruler-length').textContent = text;
+    timing.rulerUm = slide.mpp ? px * slide.mpp : null;
+  };
+  element.addEventListener('pointerdown', (event) => {
+    if (layer.tool !== 'measure' || event.button !== 0) return;
+    start = local(event);
+    element.setPointerCapture(event.pointerId);
+    event.stopPropagation();
+  }, true);
+  element.addEventListener('pointermove', (event) => {
+    if (start) draw(start, local(event));
+  }, true);
+  element.addEventListener('pointerup', (event) => {
+    if (!start) return;
+    draw(start, local(event));
+    start = null;
+  }, true);
+}
+
+// ------------------------------------------------------------------ annotation list
+
+const LIST_MAX = 200;
+let listTimer = null;
+
+function scheduleAnnotationList(viewer, slide, layer) {
+  clearTimeout(listTimer);
+  listTimer = setTimeout(() => renderAnnotationList(viewer, slide, layer), 150);
+}
+
+function ringArea(points) {
+  let sum = 0;
+  for (let i = 0; i < points.length; i++) {
+    const [x1, y1] = points[i];
+    const [x2, y2] = points[(i + 1) % points.length];
+    sum += x1 * y2 - x2 * y1;
+  }
+  return Math.abs(sum) / 2;
+}
+
+/** (area in level-0 px², length in level-0 px) of an Annotorious selector. */
+export function measure(selector) {
+  const g = selector.geometry;
+  switch (selector.type) {
+    case 'RECTANGLE':
+      return { area: g.w * g.h };
+    case 'POLYGON':
+      return { area: ringArea(g.points) };
+    case 'MULTIPOLYGON':
+      return { area: g.polygons.reduce((sum, p) => sum + ringArea(p.rings[0].points) - p.rings.slice(1).reduce((h, r) => h + ringArea(r.points), 0), 0) };
+    case 'POLYLINE':
+    case 'LINE': {
+      const pts = selector.type === 'POLYLINE' ? g.points.map((p) => p.point) : g.points;
+      let length = 0;
+      for (let i = 1; i < pts.length; i++) length += Math.hypot(pts[i][0] - pts[i - 1][0], pts[i][1] - pts[i - 1][1]);
+      return { length };
+    }
+    default:
+      return {}; // a point
+  }
+}
+
+function formatArea(px2, mpp) {
+  if (!mpp) return `${Math.round(px2)} px²`;
+  const mm2 = (px2 * mpp * mpp) / 1e6;
+  return mm2 >= 0.01 ? `${mm2.toFixed(3)} mm²` : `${Math.round(px2 * mpp * mpp)} µm²`;
+}
+
+function formatLength(px, mpp) {
+  if (!mpp) return `${Math.round(px)} px`;
+  const um = px * mpp;
+  return um >= 1000 ? `${(um / 1000).toFixed(2)} mm` : `${Math.round(um)} µm`;
+}
+
+function renderAnnotationList(viewer, slide, layer) {
+  const list = el('annotation-list');
+  const all = layer.anno.getAnnotations();
+  el('annotation-list-count').textContent = String(all.length);
+  list.innerHTML = '';
+  for (const annotation of all.slice(0, LIST_MAX)) {
+    const selector = annotation.target.selector;
+    const { area, length } = measure(selector);
+    const className = annotation.bodies?.find((b) => b.purpose === 'classifying')?.value || 'unclassified';
+    const comment = layer.names?.get(annotation.id) || '';
+    const size = area !== undefined ? formatArea(area, slide.mpp) : length !== undefined ? formatLength(length, slide.mpp) : 'point';
+    const item = document.createElement('li');
+    const button = document.createElement('button');
+    button.type = 'button';
+    button.className = 'annotation-item';
+    button.dataset.annotation = annotation.id;
+    button.innerHTML = '<span class="cls"></span> <span class="size"></span><span class="comment muted"></span>';
+    button.querySelector('.cls').textContent = className;
+    button.querySelector('.size').textContent = size;
+    button.querySelector('.comment').textContent = comment ? ` · ${comment}` : '';
+    button.addEventListener('click', () => {
+      const b = selector.geometry.bounds;
+      const margin = Math.max(b.maxX - b.minX, b.maxY - b.minY, 40);
+      goToRegion(viewer, { x: b.minX, y: b.minY, width: b.maxX - b.minX, height: b.maxY - b.minY }, margin);
+      layer.anno.setSelected(annotation.id);
+    });
+    item.appendChild(button);
+    list.appendChild(item);
+  }
+  if (all.length > LIST_MAX) {
+    list.insertAdjacentHTML('beforeend', `<li class="muted">and ${all.length - LIST_MAX} more</li>`);
+  }
+}
+
 function saveStatus(state, message) {
   const box = el('save-state');
   if (state === 'saving') box.textContent = 'saving…';
@@ -327,7 +469,7 @@ const ARROWS = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], Arrow
 const PRESET_KEYS = { '!': 1, '@': 2, '%': 5 }; // Shift+1, Shift+2, Shift+5 on a US keyboard
 
 function wireKeys({ viewer, heatmap, regions, annotations, zoom }) {
-  const toolKeys = { v: 'pan', r: 'rectangle', p: 'polygon', f: 'freehand', o: 'point' };
+  const toolKeys = { v: 'pan', r: 'rectangle', p: 'polygon', f: 'freehand', o: 'point', m: 'measure' };
   document.addEventListener('keydown', (event) => {
     if (isTyping(event) || document.querySelector('dialog[open]')) return;
     const key = event.key;
@@ -428,7 +570,10 @@ export async function initCase() {
       saveStatus(state, message);
       annotations.tools?.refreshUndo();
     },
-    onCount: (n) => (el('layer-annotations').parentElement.dataset.count = n),
+    onCount: (n) => {
+      el('layer-annotations').parentElement.dataset.count = n;
+      scheduleAnnotationList(viewer, slide, layer);
+    },
   });
   Object.assign(annotations, { layer, CLASSES, tools: wireAnnotationTools(layer, canWrite, CLASSES) });
   const signedLock = 'Annotations are read-only: the case is signed (an amendment does not reopen them).';
@@ -437,6 +582,7 @@ export async function initCase() {
   document.addEventListener('lowmag:signed', () => annotations.tools.setWritable(false, signedLock));
   el('layer-annotations').addEventListener('change', (e) => layer.setVisible(e.target.checked));
   window.__lowmag.annotations = layer;
+  wireRuler(viewer, slide, layer);
   const afterFirstPaint = () => {
     layer.load().then(() => (timing.annotationsReady = performance.now()))
       .catch((error) => toast(`Annotations not loaded: ${error.message}`, 'error'));

@@ -264,8 +264,25 @@ def case_page(request, case_id: int):
     viewer_config["colleagues"] = [
         {"id": m.user_id, "username": m.user.get_username()} for m in colleagues
     ]
-    context = {"page": "case", "case": case, "slides": slides, "viewer_config": viewer_config}
+    context = {
+        "page": "case",
+        "case": case,
+        "slides": slides,
+        "viewer_config": viewer_config,
+        "next_case": _next_case(request.user, case),
+    }
     return render(request, "viewer/case.html", context)
+
+
+def _next_case(user, case: Case) -> Case | None:
+    """The case after this one in the user's worklist of unsigned cases (the first one when
+    this case is not on it, e.g. just signed)."""
+    ids = list(
+        worklists.worklist(user, worklists.DEFAULT_QUEUE).values_list("pk", flat=True)[:2000]
+    )
+    following = ids[ids.index(case.pk) + 1 :] if case.pk in ids else ids
+    following = [pk for pk in following if pk != case.pk]
+    return Case.objects.filter(pk=following[0]).first() if following else None
 
 
 # ---------------------------------------------------------------- second opinions
