@@ -39,6 +39,10 @@ class SlidePrediction:
     bundle: dict[str, Any] = field(default_factory=dict)  # name, version, sha256, is_demo
     # (N,) uint8 k-means cluster of each patch embedding: a research layer for the viewer
     clusters: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    # (N,) float32 signed class evidence for ``evidence_class`` in logit units, grid order
+    # (analysis.mil.evidence); empty when the model gives none. ``instance_scores`` is attention.
+    evidence_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    evidence_class: str = ""
 
     @property
     def n_patches(self) -> int:
@@ -67,6 +71,8 @@ class SlidePrediction:
             out["grid"]["l0_xy"] = np.asarray(self.grid.l0_xy).tolist()
             out["instance_scores"] = [round(float(s), 5) for s in self.instance_scores]
             out["clusters"] = [int(c) for c in self.clusters]
+            out["evidence_scores"] = [round(float(s), 4) for s in self.evidence_scores]
+        out["evidence_class"] = self.evidence_class
         return out
 
 
@@ -125,6 +131,36 @@ def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.nda
     return probabilities.numpy(), scores.float().reshape(-1).numpy()
 
 
+def run_mil_evidence(
+    mil: Any, features: np.ndarray, grid_rc: np.ndarray, classes: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Probabilities, attention, signed class evidence and its class index (one forward pass).
+
+    Models without ``instance_evidence`` give an empty evidence array and the predicted class.
+    """
+    import torch
+
+    from analysis.mil.evidence import evidence_target
+
+    if not hasattr(mil, "instance_evidence"):
+        probabilities, attention = run_mil(mil, features, grid_rc)
+        return probabilities, attention, np.zeros(0, np.float32), int(np.argmax(probabilities))
+    with torch.inference_mode():
+        feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))  # (N, D)
+        coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64))  # (N, 2)
+        logits, attention, evidence = mil.instance_evidence(feats, coords)
+        probabilities = torch.softmax(logits.float().reshape(-1), dim=0).numpy()  # (C,)
+        target = evidence_target(classes, probabilities)
+        if target != int(np.argmax(probabilities)):
+            _, _, evidence = mil.instance_evidence(feats, coords, target)
+    return (
+        probabilities,
+        attention.float().reshape(-1).numpy(),
+        evidence.float().reshape(-1).numpy(),
+        target,
+    )
+
+
 def predict_slide(
     bundle: LoadedBundle,
     slide_path: str | Path,
@@ -170,7 +206,9 @@ def predict_slide(
                 on_batch=on_batch,
             ).features  # (N, D)
         with clock.stage("mil"):
-            probabilities, raw_scores = run_mil(bundle.mil, features, grid.grid_rc)
+            probabilities, raw_scores, evidence, target = run_mil_evidence(
+                bundle.mil, features, grid.grid_rc, list(manifest.classes)
+            )
         with clock.stage("clusters"):
             clusters = cluster_instances(features)
         slide_mpp = float(slide.mpp)
@@ -185,6 +223,8 @@ def predict_slide(
         instance_scores=normalise_scores(raw_scores),
         grid=grid,
         clusters=clusters,
+        evidence_scores=evidence,
+        evidence_class=classes[target] if len(evidence) else "",
         timings=clock.finish(),
         magnification=magnification,
         slide_mpp=slide_mpp,
