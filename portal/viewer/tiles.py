@@ -21,7 +21,7 @@ import numpy as np
 from asgiref.sync import sync_to_async
 from django.http import Http404, HttpResponse, HttpResponseNotModified
 
-from analysis.heatmap import DeepZoomGeometry, HeatmapTiler, score_raster
+from analysis.heatmap import DeepZoomGeometry, HeatmapTiler, evidence_display, score_raster
 from portal.core.metrics import observe_tile
 
 TILE_SIZE = 254
@@ -273,7 +273,8 @@ async def slide_tile(request, slide_id: int, level: int, col: int, row: int):
     return _immutable(request, body, "image/jpeg", slide_tile_etag(access, level, col, row))
 
 
-LAYERS = ("score", "clusters")  # the AI score; k-means clusters of the patch embeddings
+# attention (where the model looked); class evidence; k-means clusters of the patch embeddings
+LAYERS = ("score", "evidence", "clusters")
 
 
 def _load_tiler(
@@ -284,7 +285,10 @@ def _load_tiler(
     prediction = Prediction.objects.filter(pk=prediction_id, slide_id=access.slide_id).first()
     if prediction is None or "grid_rc" not in prediction.grid:
         return None
-    values = prediction.scores() if layer == "score" else prediction.cluster_ids()
+    if layer == "evidence":
+        values = evidence_display(prediction.evidence())
+    else:
+        values = prediction.scores() if layer == "score" else prediction.cluster_ids()
     grid_rc = np.asarray(prediction.grid["grid_rc"], dtype=np.int64).reshape(-1, 2)
     if len(values) != len(grid_rc):
         return None  # e.g. a prediction made before cluster maps existed
