@@ -191,12 +191,17 @@ class LoadedBundle:
 def load_bundle(
     path: str | Path, device: str | None = None, precision: str | None = None
 ) -> LoadedBundle:
-    """Verify and load a bundle's encoder and MIL model, ready for ``analysis.pipeline``."""
+    """Verify and load a bundle's encoder and MIL model, ready for ``analysis.pipeline``.
+
+    Both models go to ``device`` (default: ``analysis.devices.resolve_device``).
+    """
     from safetensors.torch import load_file
 
+    from analysis.devices import resolve_device
     from analysis.encoders import build_encoder
     from analysis.mil import build_mil
 
+    device = resolve_device(device)  # explicit, else $LOWMAG_DEVICE, else cuda when present
     bundle_dir = resolve_bundle_dir(path)
     manifest = verify_bundle(bundle_dir)
     enc_weights = manifest.encoder.get("weights")

@@ -381,7 +381,10 @@ def fast_bf16_available(device: str) -> bool:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``$LOWMAG_DEVICE`` when set, else cuda when torch sees a GPU (``analysis.devices``)."""
+    from analysis.devices import resolve_device
+
+    return resolve_device(None)
 
 
 @dataclass

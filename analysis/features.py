@@ -18,7 +18,7 @@ import numpy as np
 
 from analysis.encoders import Encoder
 from analysis.errors import AnalysisError
-from analysis.slides import mpp_for_magnification, open_slide, patch_size_px
+from analysis.slides import Slide, mpp_for_magnification, open_slide, patch_size_px
 from analysis.tissue import PatchGrid
 
 _DONE = object()
@@ -42,7 +42,7 @@ class Features:
 
 
 def extract_features(
-    slide_path: str | Path,
+    slide_path: str | Path | Slide,
     grid: PatchGrid,
     encoder: Encoder,
     mag: float,
@@ -53,12 +53,19 @@ def extract_features(
 ) -> Features:
     """Encode every grid cell read at ``mag``; a reader thread keeps the encoder fed.
 
-    ``slide_mpp`` supplies the level-0 scale for slides that carry none (as ``open_slide``);
-    ``on_batch(n_done)`` reports progress after each encoded batch.
+    ``slide_path`` is a path or an already open ``Slide`` (left open). ``slide_mpp`` supplies
+    the level-0 scale for slides that carry none (as ``open_slide``); ``on_batch(n_done)``
+    reports progress after each encoded batch. Patches go to the encoder's device batch by
+    batch and the embeddings come back to the CPU (``Encoder.embed``).
     """
     n = len(grid.l0_xy)
     features = np.zeros((n, encoder.dim), np.float32)
-    with open_slide(slide_path, mpp=slide_mpp) as slide:
+    opened: contextlib.AbstractContextManager[Slide] = (
+        contextlib.nullcontext(slide_path)
+        if isinstance(slide_path, Slide)
+        else open_slide(slide_path, mpp=slide_mpp)
+    )
+    with opened as slide:
         batches = slide.iter_patch_batches(
             grid.l0_xy, mag, batch_size=batch_size, patch_um=grid.patch_um, workers=workers
         )

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from analysis.bundle import LoadedBundle
+from analysis.errors import AnalysisError
 
 ProgressCallback = Callable[[str, float], None]  # (stage, fraction of that stage done)
 
@@ -39,6 +40,8 @@ class SlidePrediction:
     bundle: dict[str, Any] = field(default_factory=dict)  # name, version, sha256, is_demo
     # (N,) uint8 k-means cluster of each patch embedding: a research layer for the viewer
     clusters: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    # (N, D) patch embeddings, kept only while the cluster map is still to be computed
+    features: np.ndarray | None = field(default=None, repr=False)
     # (N,) float32 signed class evidence for ``evidence_class`` in logit units, grid order
     # (analysis.mil.evidence); empty when the model gives none. ``instance_scores`` is attention.
     evidence_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
@@ -47,6 +50,18 @@ class SlidePrediction:
     @property
     def n_patches(self) -> int:
         return int(len(self.instance_scores))
+
+    def compute_clusters(self) -> np.ndarray:
+        """The cluster map of a prediction made with ``clusters=False``, once the result is out.
+
+        Its time is recorded as ``timings["clusters"]``; the embeddings are released after.
+        """
+        if self.features is not None:
+            start = time.perf_counter()
+            self.clusters = cluster_instances(self.features)
+            self.timings["clusters"] = round(time.perf_counter() - start, 4)
+            self.features = None
+        return self.clusters
 
     def to_dict(self, include_scores: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -120,45 +135,82 @@ def cluster_instances(
 
 
 def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(C,) class probabilities and (N,) raw instance scores from a MIL model in eval mode."""
+    """(C,) class probabilities and (N,) raw instance scores from a MIL model in eval mode.
+
+    The bag goes to the model's device and the results come back to the CPU in one copy. A bag
+    too big for the device's memory fails with an ``AnalysisError`` naming its size.
+    """
     import torch
 
+    from analysis.devices import module_device
+
+    device = module_device(mil)
+    n, dim = (int(v) for v in np.shape(features))
     with torch.inference_mode():
-        feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))  # (N, D)
-        coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64))  # (N, 2)
-        logits, scores = mil(feats, coords)
+        feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
+        coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64)).to(device)
+        try:
+            logits, scores = mil(feats, coords)  # (C,) or (1, C); (N,) or (1, N)
+        except torch.OutOfMemoryError as exc:
+            del feats, coords
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise AnalysisError(
+                f"the slide's bag of {n} patches x {dim} features does not fit in the memory of "
+                f"{device} for {type(mil).__name__} ({str(exc).splitlines()[0][:160]}); run it on "
+                "a device with more memory (LOWMAG_DEVICE) or analyse fewer patches "
+                "(a higher min_tissue)"
+            ) from None
         probabilities = torch.softmax(logits.float().reshape(-1), dim=0)  # (C,)
-    return probabilities.numpy(), scores.float().reshape(-1).numpy()
+        both = torch.cat([probabilities, scores.float().reshape(-1)]).cpu()  # one copy back
+    n_classes = int(probabilities.shape[0])
+    values = both.numpy()
+    return values[:n_classes], values[n_classes:]
 
 
 def run_mil_evidence(
     mil: Any, features: np.ndarray, grid_rc: np.ndarray, classes: list[str]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Probabilities, attention, signed class evidence and its class index (one forward pass).
+    """Probabilities, attention, signed class evidence and its class index.
 
-    Models without ``instance_evidence`` give an empty evidence array and the predicted class.
+    One forward pass (two when the evidence is for another class than the call: see
+    ``analysis.mil.evidence.evidence_target``), on the model's device, results copied back to
+    the CPU once. Models without ``instance_evidence`` give empty evidence and the call.
     """
     import torch
 
+    from analysis.devices import module_device
     from analysis.mil.evidence import evidence_target
 
     if not hasattr(mil, "instance_evidence"):
         probabilities, attention = run_mil(mil, features, grid_rc)
         return probabilities, attention, np.zeros(0, np.float32), int(np.argmax(probabilities))
+    device = module_device(mil)
+    n, dim = (int(v) for v in np.shape(features))
     with torch.inference_mode():
-        feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))  # (N, D)
-        coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64))  # (N, 2)
-        logits, attention, evidence = mil.instance_evidence(feats, coords)
-        probabilities = torch.softmax(logits.float().reshape(-1), dim=0).numpy()  # (C,)
-        target = evidence_target(classes, probabilities)
-        if target != int(np.argmax(probabilities)):
-            _, _, evidence = mil.instance_evidence(feats, coords, target)
-    return (
-        probabilities,
-        attention.float().reshape(-1).numpy(),
-        evidence.float().reshape(-1).numpy(),
-        target,
-    )
+        feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
+        coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64)).to(device)
+        try:
+            logits, attention, evidence = mil.instance_evidence(feats, coords)
+            probs = torch.softmax(logits.float().reshape(-1), dim=0)  # (C,)
+            target = evidence_target(classes, probs.cpu().numpy())
+            if target != int(probs.argmax()):
+                _, _, evidence = mil.instance_evidence(feats, coords, target)
+        except torch.OutOfMemoryError as exc:
+            del feats, coords
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise AnalysisError(
+                f"the slide's bag of {n} patches x {dim} features does not fit in the memory of "
+                f"{device} for {type(mil).__name__} ({str(exc).splitlines()[0][:160]}); run it on "
+                "a device with more memory (LOWMAG_DEVICE) or analyse fewer patches "
+                "(a higher min_tissue)"
+            ) from None
+        parts = [probs, attention.float().reshape(-1), evidence.float().reshape(-1)]
+        both = torch.cat(parts).cpu()  # one copy back
+    values = both.numpy()
+    n_classes = int(probs.shape[0])
+    return values[:n_classes], values[n_classes : n_classes + n], values[n_classes + n :], target
 
 
 def predict_slide(
@@ -170,8 +222,14 @@ def predict_slide(
     batch_size: int = 64,
     workers: int = 2,
     progress: ProgressCallback | None = None,
+    clusters: bool = True,
 ) -> SlidePrediction:
-    """Analyse one slide with a loaded bundle. Raises ``AnalysisError`` subclasses on bad input."""
+    """Analyse one slide with a loaded bundle. Raises ``AnalysisError`` subclasses on bad input.
+
+    The slide is opened once. With ``clusters=False`` the k-means cluster map is left out of
+    the path to the result: the prediction keeps its embeddings and the caller runs
+    ``compute_clusters()`` after it has stored or sent the prediction.
+    """
     from analysis.features import extract_features
     from analysis.heatmap import normalise_scores
     from analysis.slides import open_slide
@@ -186,8 +244,7 @@ def predict_slide(
         with clock.stage("tissue"):
             grid = patch_grid(slide, patch_um=manifest.patch_um, min_tissue=min_tissue)
             # Refuse early (before any encoding) when the slide is coarser than the model's input.
-            l0_x, l0_y = (int(v) for v in grid.l0_xy[0])
-            slide.read_patch((l0_x, l0_y), magnification, manifest.patch_um)
+            slide.level_for_magnification(magnification)
         n_cells = len(grid.l0_xy)
 
         def on_batch(done: int) -> None:
@@ -196,22 +253,23 @@ def predict_slide(
 
         with clock.stage("features"):
             features = extract_features(
-                slide_path,
+                slide,
                 grid,
                 bundle.encoder,
                 magnification,
                 batch_size=batch_size,
                 workers=workers,
-                slide_mpp=mpp,
                 on_batch=on_batch,
             ).features  # (N, D)
-        with clock.stage("mil"):
-            probabilities, raw_scores, evidence, target = run_mil_evidence(
-                bundle.mil, features, grid.grid_rc, list(manifest.classes)
-            )
-        with clock.stage("clusters"):
-            clusters = cluster_instances(features)
         slide_mpp = float(slide.mpp)
+    with clock.stage("mil"):
+        probabilities, raw_scores, evidence, target = run_mil_evidence(
+            bundle.mil, features, grid.grid_rc, list(manifest.classes)
+        )
+    cluster_map = np.zeros(0, np.uint8)
+    if clusters:
+        with clock.stage("clusters"):
+            cluster_map = cluster_instances(features)
     best = int(np.argmax(probabilities))
     classes = list(manifest.classes)
     return SlidePrediction(
@@ -222,7 +280,8 @@ def predict_slide(
         confidence=float(probabilities[best]),
         instance_scores=normalise_scores(raw_scores),
         grid=grid,
-        clusters=clusters,
+        clusters=cluster_map,
+        features=None if clusters else features,
         evidence_scores=evidence,
         evidence_class=classes[target] if len(evidence) else "",
         timings=clock.finish(),

@@ -48,6 +48,9 @@ _SCALE_HELP = (
 )
 
 
+THUMBNAIL_MAX_SIDE = 4096  # a thumbnail is an overview; larger asks are refused
+
+
 class SlideNotFoundError(AnalysisError, FileNotFoundError):
     """The slide path does not exist."""
 
@@ -279,7 +282,11 @@ class Slide:
                         future.cancel()
 
     def thumbnail(self, max_size: tuple[int, int] = (1024, 1024)) -> Image.Image:
-        """An RGB overview fitting in ``max_size``."""
+        """An RGB overview fitting in ``max_size`` (each side at most ``THUMBNAIL_MAX_SIDE``)."""
+        if not all(0 < side <= THUMBNAIL_MAX_SIDE for side in max_size):
+            raise ValueError(
+                f"thumbnail size {max_size} is outside 1..{THUMBNAIL_MAX_SIDE} px per side"
+            )
         osr = self._handle()
         try:
             return osr.get_thumbnail(max_size).convert("RGB")

@@ -65,6 +65,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "portal.core.middleware.SecurityHeadersMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"
@@ -92,7 +93,14 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
-    DATABASES["default"]["OPTIONS"] = {"timeout": 30}
+    # WAL: readers never wait for the writer. IMMEDIATE: a write transaction takes the write
+    # lock at BEGIN, waiting up to `timeout` seconds for it, instead of failing with "database
+    # is locked" when a read turns into a write while another writer holds the lock.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": env_int("LOWMAG_SQLITE_BUSY_TIMEOUT_S", 20),
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
+    }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -166,6 +174,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
 CELERY_TASK_ROUTES = {
     "portal.analyses.tasks.run_analysis": {"queue": "gpu"},
+    "portal.analyses.training.run_training": {"queue": "gpu"},
+    "portal.analyses.shadow.run_shadow": {"queue": "gpu"},
     "portal.analyses.tasks.*": {"queue": "cpu"},
     "portal.uploads.tasks.*": {"queue": "cpu"},
     "portal.integrations.tasks.*": {"queue": "cpu"},

@@ -145,7 +145,7 @@ def model_version(db):
         bundle_path="bundles/gltrans-demo-1.0",
         sha256="ab" * 32,
         is_demo=True,
-        active=True,
+        active=False,  # no weights behind it: such a version can never be active
     )
 
 

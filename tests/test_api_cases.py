@@ -134,16 +134,19 @@ def test_a_second_opinion_goes_to_a_pathologist_of_the_cohort(
     assert "assigned_to" in response.json()
 
 
-def test_admin_activates_a_model_for_a_cohort(api_client_for, admin_user, model_version, cohort_a):
-    from portal.analyses.models import ModelVersion
-
-    ModelVersion.objects.filter(pk=model_version.pk).update(active=False)
+def test_admin_cannot_activate_a_model_without_weights(
+    api_client_for, admin_user, model_version, cohort_a
+):
+    """The fixture version has no weights file; activation with real bundles:
+    tests/test_model_guards.py."""
     response = api_client_for(admin_user).post(
-        f"/api/v1/models/{model_version.pk}/activate/", {"cohort": cohort_a.pk}, format="json"
+        f"/api/v1/models/{model_version.pk}/activate/",
+        {"cohort": cohort_a.pk, "reason": "try"},
+        format="json",
     )
-    assert response.status_code == 200 and response.json()["active"] is True
+    assert response.status_code == 409 and "weights are missing" in response.json()["detail"]
     cohort_a.refresh_from_db()
-    assert cohort_a.active_model == model_version
+    assert cohort_a.active_model is None
 
 
 def test_prediction_scores_come_back_in_grid_order(api_client_for, path_a, prediction_a):

@@ -84,7 +84,6 @@ def seed_portal(slide_src: str) -> dict:
         magnification=5.0,
         bundle_path="-",
         sha256="0" * 64,
-        active=True,
     )
     case_a = Case.objects.create(
         cohort=cohort_a,

@@ -72,6 +72,9 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("case", "partial_update"): Row(expect(200, 403, 404, 200), {"priority": "urgent"}),
     ("case", "destroy"): Row(expect(409, 403, 404, 403)),  # its diagnosis protects it
     ("case", "fhir"): Row(expect(409, 409, 404, 409)),  # not signed yet
+    ("case", "amend_identity"): Row(
+        expect(200, 403, 403, 403), {"patient_id": "P-NEW", "reason": "registration typo"}
+    ),
     ("slide", "list"): Row(LIST),
     ("slide", "retrieve"): Row(READ_IN_A),
     ("job", "list"): Row(LIST),

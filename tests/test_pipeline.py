@@ -150,3 +150,29 @@ def test_clusters_separate_two_kinds_of_embedding():
     features = np.concatenate([rng.normal(0, 1, (30, 64)), rng.normal(8, 1, (10, 64))])
     clusters = cluster_instances(features.astype(np.float32), k=2)
     assert set(clusters[:30]) == {0} and set(clusters[30:]) == {1}
+
+
+def test_predict_opens_the_slide_file_once(loaded, monkeypatch):
+    import openslide
+
+    opened = []
+
+    class Counting(openslide.OpenSlide):
+        def __init__(self, filename):
+            opened.append(filename)
+            super().__init__(filename)
+
+    monkeypatch.setattr(openslide, "OpenSlide", Counting)
+    predict_slide(loaded, shared_slide("cmu-1-small-region.svs"))
+    assert len(opened) == 1
+
+
+def test_cluster_map_can_wait_until_after_the_result(loaded):
+    slide = shared_slide("cmu-1-small-region.svs")
+    quick = predict_slide(loaded, slide, clusters=False)
+    assert "clusters" not in quick.timings and len(quick.clusters) == 0
+    assert quick.features is not None and len(quick.features) == quick.n_patches
+    full = predict_slide(loaded, slide)
+    assert quick.probabilities == full.probabilities
+    assert np.array_equal(quick.compute_clusters(), full.clusters)
+    assert quick.features is None and quick.timings["clusters"] >= 0

@@ -401,3 +401,42 @@ def test_fast_path_stops_serving_at_once_when_membership_is_removed(path_a, fast
     assert _asgi_get(url, session)["status"] == 200
     Membership.objects.filter(user=path_a).delete()
     assert _asgi_get(url, session)["status"] == 404
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def test_region_larger_than_the_cap_is_refused_without_reading_it(client, path_a, cmu_case):
+    slide = cmu_case["slide"]
+    before = _peak_rss_mb()
+    response = _login(client, path_a).get(f"/slides/{slide.pk}/region.jpeg?x=0&y=0&size=16000")
+    assert response.status_code == 400
+    assert "size must be between 1 and 8192" in response.json()["detail"]
+    assert _peak_rss_mb() - before < 100
+
+
+def test_region_needing_a_read_over_the_cap_is_refused(client, path_a, cmu_case):
+    slide = cmu_case["slide"]  # one pyramid level: 8000 level-0 px would be read as they are
+    response = _login(client, path_a).get(f"/slides/{slide.pk}/region.jpeg?x=0&y=0&size=8000")
+    assert response.status_code == 400
+    assert "ask for a smaller size" in response.json()["detail"]
+    ok = client.get(f"/slides/{slide.pk}/region.jpeg?x=0&y=0&size=512&px=96")
+    assert ok.status_code == 200 and ok["Content-Type"] == "image/jpeg"
+
+
+def test_region_with_unreadable_numbers_is_a_400(client, path_a, cmu_case):
+    slide = cmu_case["slide"]
+    response = _login(client, path_a).get(f"/slides/{slide.pk}/region.jpeg?x=0&y=0&size=big")
+    assert response.status_code == 400
+
+
+def test_thumbnail_size_is_capped():
+    from analysis.slides import open_slide
+
+    with open_slide(shared_slide("cmu-1-small-region.svs")) as image:
+        with pytest.raises(ValueError, match="outside 1..4096"):
+            image.thumbnail((16000, 16000))
+        assert max(image.thumbnail((256, 256)).size) == 256

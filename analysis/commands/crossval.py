@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis.devices import DEVICE_HELP
 from analysis.errors import AnalysisError
 
 
@@ -44,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-instances", type=int, default=None, help="cap on instances per training step"
     )
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument(
         "--mil-config", default=None, help="model config as JSON, e.g. '{\"dim\": 256}'"
     )
@@ -54,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from analysis.devices import resolve_device
     from analysis.evaluate import crossval
     from analysis.train import TrainConfig
 
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         num_threads=args.threads,
         instance_subsample=args.instance_subsample,
         max_train_instances=args.max_instances,
-        device=args.device,
+        device=resolve_device(args.device),
     )
     try:
         result = crossval(

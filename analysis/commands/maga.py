@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from analysis.devices import DEVICE_HELP
 from analysis.errors import AnalysisError
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms"}
@@ -29,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--max-steps", type=int, help="cap on steps per epoch")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--device", help=DEVICE_HELP)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("-o", "--out", required=True, type=Path, help="output folder")
     train.set_defaults(handler=train_maga_command)
@@ -43,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.add_argument("--batch-size", type=int, default=64)
     extract.add_argument("--min-tissue", type=float, default=0.25)
     extract.add_argument("--threads", type=int, help="torch CPU threads")
+    extract.add_argument("--device", help=DEVICE_HELP)
     extract.add_argument("-o", "--out", required=True, type=Path, help="output .h5")
     extract.set_defaults(handler=extract_command)
 
@@ -62,6 +65,7 @@ def find_slides(folder: Path) -> list[Path]:
 def train_maga_command(args: argparse.Namespace) -> int:
     import torch
 
+    from analysis.devices import resolve_device
     from analysis.maga import MagaConfig, build_pair_cache, train_maga
 
     if args.threads:
@@ -83,6 +87,7 @@ def train_maga_command(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         max_steps_per_epoch=args.max_steps,
+        device=resolve_device(args.device),
     )
     result = train_maga(cache, args.out, config, args.teacher, resume=args.resume, log=_log)
     print(json.dumps({"student": str(result.student_path), "alignment": result.alignment}))
@@ -92,6 +97,7 @@ def train_maga_command(args: argparse.Namespace) -> int:
 def extract_command(args: argparse.Namespace) -> int:
     import torch
 
+    from analysis.devices import resolve_device
     from analysis.encoders import build_encoder
     from analysis.features import extract_features, save_h5
     from analysis.slides import open_slide
@@ -100,15 +106,17 @@ def extract_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     encoder = build_encoder(
-        args.encoder, args.weights, precision=args.precision, batch_size=args.batch_size
+        args.encoder,
+        args.weights,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        device=resolve_device(args.device),
     )
     if args.weights is None:
         _log(f"no --weights: using the {encoder.weights_source} {args.encoder} (not pretrained)")
     with open_slide(args.slide, mpp=args.mpp) as slide:
         grid = patch_grid(slide, min_tissue=args.min_tissue)
-    features = extract_features(
-        args.slide, grid, encoder, args.mag, batch_size=args.batch_size, slide_mpp=args.mpp
-    )
+        features = extract_features(slide, grid, encoder, args.mag, batch_size=args.batch_size)
     save_h5(args.out, features)
     print(f"{args.out}: {len(features)} patches x {encoder.dim} features at {args.mag:g}x")
     return 0

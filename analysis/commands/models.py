@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from analysis.devices import DEVICE_HELP
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     predict = subparsers.add_parser("predict", help="analyse one slide with a model bundle")
@@ -15,6 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--mpp", type=float, help="level-0 µm/px when the slide lacks scale")
     predict.add_argument("--min-tissue", type=float, default=0.25)
     predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--device", help=DEVICE_HELP)
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.set_defaults(handler=run_predict)
 
@@ -49,11 +52,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     from analysis.bundle import load_bundle
+    from analysis.devices import resolve_device
     from analysis.pipeline import predict_slide
 
-    bundle = load_bundle(args.bundle)
+    bundle = load_bundle(args.bundle, device=resolve_device(args.device))
     result = predict_slide(
-        bundle, args.slide, mpp=args.mpp, min_tissue=args.min_tissue, batch_size=args.batch_size
+        bundle,
+        args.slide,
+        mpp=args.mpp,
+        min_tissue=args.min_tissue,
+        batch_size=args.batch_size,
+        clusters=args.json,  # the cluster map is only printed with --json
     )
     if args.json:
         json.dump(result.to_dict(include_scores=True), sys.stdout)

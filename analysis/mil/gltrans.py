@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -315,7 +315,7 @@ class GLTrans(nn.Module):
         x = torch.cat([self.cls_token, x], dim=0)  # (1 + N, D)
         for block in self.blocks[:-1]:
             x, _ = block(x, cells, cls_weights=False)
-        last = self.blocks[-1]
+        last = cast(GlobalLocalBlock, self.blocks[-1])
         attn = last.attn
         length, dim = x.shape
         head_dim = dim // attn.n_heads

@@ -305,11 +305,7 @@ export async function initCase() {
   const canWrite = config.user.can_write;
   const classes = slide?.prediction?.classes || config.slides.find((s) => s.prediction)?.prediction.classes || [];
   const diagnosis = new DiagnosisPanel(config.case, classes, canWrite);
-  const bestPrediction = config.slides
-    .map((s) => s.prediction)
-    .filter(Boolean)
-    .sort((a, b) => b.confidence - a.confidence)[0];
-  renderAiSuggestion(el('ai-suggestion'), bestPrediction);
+  renderAiSuggestion(el('ai-suggestion'), config.ai_call); // the case's call, chosen by the server
   diagnosis.load().catch((error) => toast(`Diagnosis not loaded: ${error.message}`, 'error'));
   if (!slide) {
     el('viewer').innerHTML = '<p class="empty-viewer">No slide of this case is ready to view yet.</p>';

@@ -8,7 +8,8 @@ class ModelVersionAdmin(admin.ModelAdmin):
     list_display = ["name", "version", "task", "magnification", "active", "is_demo", "created_at"]
     list_filter = ["active", "is_demo", "task"]
     search_fields = ["name", "version", "sha256"]
-    readonly_fields = ["sha256", "manifest", "bundle_path", "created_at"]
+    readonly_fields = ["sha256", "manifest", "bundle_path", "created_at", "report"]
+    # Marking a version active runs ModelVersion.clean(): weights must verify (sha256).
 
 
 @admin.register(AnalysisJob)

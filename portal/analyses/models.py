@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class ModelVersion(models.Model):
@@ -19,6 +21,11 @@ class ModelVersion(models.Model):
     is_demo = models.BooleanField(default=False)
     active = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Model card: what the model is for and where it is known to fail (portal/analyses/lifecycle).
+    intended_use = models.TextField(blank=True)
+    known_limits = models.TextField(blank=True)
+    # Validation report of a model trained in the portal (portal/analyses/training.py).
+    report = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["name", "-created_at"]
@@ -29,15 +36,38 @@ class ModelVersion(models.Model):
     def __str__(self) -> str:
         return f"{self.name}@{self.version}"
 
+    def weights_problem(self) -> str | None:
+        """Why this version's weights cannot be trusted, or None when they verify."""
+        from portal.analyses.lifecycle import weights_problem
+
+        return weights_problem(self)
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        if self.active and (problem := self.weights_problem()):
+            raise ValidationError({"active": f"{self} cannot be active: {problem}"})
+
+    def save(self, *args, **kwargs):
+        if self.active and (problem := self.weights_problem()):
+            from portal.analyses.lifecycle import ActivationError
+
+            raise ActivationError(f"{self} cannot be active: {problem}")
+        super().save(*args, **kwargs)
+
 
 class AnalysisJob(models.Model):
-    STATES = [
-        ("queued", "Queued"),
-        ("running", "Running"),
-        ("succeeded", "Succeeded"),
-        ("failed", "Failed"),
-        ("cancelled", "Cancelled"),
-    ]
+    class State(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    STATES = State.choices
+    ACTIVE = (State.QUEUED, State.RUNNING)
+    FINAL = (State.SUCCEEDED, State.CANCELLED)  # nothing left to do
+    RETRYABLE = (State.FAILED, State.CANCELLED)  # a new request queues it again
 
     slide = models.ForeignKey("cases.Slide", on_delete=models.CASCADE, related_name="jobs")
     model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="jobs")
@@ -45,7 +75,7 @@ class AnalysisJob(models.Model):
     # earlier self instead of duplicating. The slide record is part of it: the same file
     # uploaded to two cases is two slides, each analysed (and each with its own prediction).
     idempotency_key = models.CharField(max_length=160, unique=True)
-    state = models.CharField(max_length=10, choices=STATES, default="queued")
+    state = models.CharField(max_length=10, choices=State.choices, default=State.QUEUED)
     stage = models.CharField(max_length=50, blank=True)
     progress = models.FloatField(default=0.0)
     timings = models.JSONField(default=dict, blank=True)
@@ -60,6 +90,25 @@ class AnalysisJob(models.Model):
 
     def __str__(self) -> str:
         return f"job {self.pk} ({self.state})"
+
+    def requeue(self) -> None:
+        """A failed or cancelled job asked for again starts afresh."""
+        self.state, self.error, self.progress, self.stage = self.State.QUEUED.value, "", 0.0, ""
+        self.save(update_fields=["state", "error", "progress", "stage"])
+
+    def cancel(self) -> bool:
+        """queued/running -> cancelled; False when the job had already ended."""
+        updated = AnalysisJob.objects.filter(pk=self.pk, state__in=self.ACTIVE).update(
+            state=self.State.CANCELLED, stage="cancelled", finished_at=timezone.now()
+        )
+        if updated:
+            self.state = self.State.CANCELLED.value
+        return bool(updated)
+
+    def is_cancelled(self) -> bool:
+        """Read afresh from the database: another process may have cancelled the job."""
+        state = AnalysisJob.objects.filter(pk=self.pk).values_list("state", flat=True).first()
+        return state == self.State.CANCELLED
 
     @staticmethod
     def key_for(slide_sha256: str, model_sha256: str, slide_id: int | None = None) -> str:
@@ -114,3 +163,107 @@ class Prediction(models.Model):
     @staticmethod
     def pack_scores(scores: np.ndarray) -> bytes:
         return np.asarray(scores, dtype="<f2").tobytes()
+
+
+class ModelActivation(models.Model):
+    """One change of a cohort's active model: who, why, and what it replaced (for rollback)."""
+
+    cohort = models.ForeignKey("cases.Cohort", on_delete=models.CASCADE, related_name="activations")
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
+    previous = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    activated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.PROTECT, related_name="+"
+    )
+    reason = models.TextField()
+    rolled_back_at = models.DateTimeField(null=True, blank=True)
+    rolled_back_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+
+class TrainingRun(models.Model):
+    """Training and validating a model on a cohort's signed cases (a job on the gpu queue)."""
+
+    STATES = [
+        ("queued", "Queued"),
+        ("running", "Running"),
+        ("succeeded", "Succeeded"),
+        ("failed", "Failed"),
+    ]
+    cohort = models.ForeignKey("cases.Cohort", on_delete=models.PROTECT, related_name="+")
+    signed_from = models.DateField()
+    signed_to = models.DateField()
+    options = models.JSONField(default=dict, blank=True)  # epochs, folds, maga, ...
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.PROTECT, related_name="+"
+    )
+    state = models.CharField(max_length=10, choices=STATES, default="queued")
+    stage = models.CharField(max_length=50, blank=True)
+    progress = models.FloatField(default=0.0)
+    error = models.TextField(blank=True)
+    data_sha256 = models.CharField(max_length=64, blank=True)
+    n_cases = models.IntegerField(default=0)
+    work_dir = models.CharField(max_length=500, blank=True)
+    model_version = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="training_runs"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+
+class ShadowDeployment(models.Model):
+    """A candidate version analysing every new slide of a cohort beside the active one.
+
+    Its results (``ShadowPrediction``) live apart from ``Prediction`` so that nothing a
+    pathologist sees (API, pages, FHIR, webhooks, the AI suggestion) can include them.
+    """
+
+    cohort = models.ForeignKey("cases.Cohort", on_delete=models.CASCADE, related_name="+")
+    candidate = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
+    baseline = models.ForeignKey(
+        ModelVersion, null=True, on_delete=models.PROTECT, related_name="+"
+    )
+    min_signed = models.PositiveIntegerField(default=10)  # signed cases before comparing
+    started_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.PROTECT, related_name="+"
+    )
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+
+class ShadowPrediction(models.Model):
+    deployment = models.ForeignKey(
+        ShadowDeployment, on_delete=models.CASCADE, related_name="predictions"
+    )
+    slide = models.ForeignKey("cases.Slide", on_delete=models.CASCADE, related_name="+")
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
+    state = models.CharField(max_length=10, default="queued")  # queued|succeeded|failed
+    error = models.TextField(blank=True)
+    probabilities = models.JSONField(default=dict)
+    predicted_class = models.CharField(max_length=100, blank=True)
+    confidence = models.FloatField(default=0.0)
+    code_version = models.CharField(max_length=100, blank=True)
+    input_sha256 = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["slide_id", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["slide", "model_version"], name="unique_shadow_prediction"
+            ),
+        ]

@@ -73,7 +73,7 @@ def request_analysis(slide, model_version: ModelVersion | None = None) -> Analys
         model_version = ModelVersion.objects.filter(
             active_in_cohorts__pk=slide.case.cohort_id
         ).first()
-    if model_version is None or slide.status != "ready":
+    if model_version is None or not slide.is_ready:
         return None
     key = AnalysisJob.key_for(slide.sha256, model_version.sha256, slide.pk)
     try:
@@ -82,15 +82,11 @@ def request_analysis(slide, model_version: ModelVersion | None = None) -> Analys
         )
     except IntegrityError:  # a concurrent request created it first
         job, created = AnalysisJob.objects.get(idempotency_key=key), False
-    if not created and job.state in ("failed", "cancelled"):
-        job.state, job.error, job.progress, job.stage = "queued", "", 0.0, ""
-        job.save(update_fields=["state", "error", "progress", "stage"])
+    if not created and job.state in AnalysisJob.RETRYABLE:
+        job.requeue()
     elif not created:
         return job
-    case = slide.case
-    if case.status in ("new", "ready"):
-        case.status = "analysing"
-        case.save(update_fields=["status", "updated_at"])
+    slide.case.start_analysis()
     dispatch(run_analysis, job.pk)
     return job
 
@@ -108,11 +104,12 @@ class _ProgressReporter:
         if fraction not in (0.0, 1.0) and now - self._last < self.min_interval_s:
             return
         self._last = now
-        state = AnalysisJob.objects.filter(pk=self.job.pk).values_list("state", flat=True).first()
-        if state == "cancelled":
+        if self.job.is_cancelled():
             raise JobCancelled()
         AnalysisJob.objects.filter(pk=self.job.pk).update(stage=stage, progress=fraction)
-        live.job_update(self.job.pk, {"state": "running", "stage": stage, "progress": fraction})
+        live.job_update(
+            self.job.pk, {"state": AnalysisJob.State.RUNNING, "stage": stage, "progress": fraction}
+        )
 
 
 def _store_prediction(job: AnalysisJob, result) -> Prediction:
@@ -168,40 +165,43 @@ def run_analysis(self, job_id: int) -> str:
     from analysis.pipeline import predict_slide
 
     job = AnalysisJob.objects.select_related("slide__case__cohort", "model_version").get(pk=job_id)
-    if job.state in ("succeeded", "cancelled"):
+    if job.state in AnalysisJob.FINAL:
         return job.state
     existing = Prediction.objects.filter(slide=job.slide, model_version=job.model_version).first()
     if existing is not None:
-        _finish(job, state="succeeded", progress=1.0, stage="done")
-        return "succeeded"
+        _finish(job, state=AnalysisJob.State.SUCCEEDED, progress=1.0, stage="done")
+        return AnalysisJob.State.SUCCEEDED
     AnalysisJob.objects.filter(pk=job.pk).update(
-        state="running", started_at=timezone.now(), attempts=job.attempts + 1, error=""
+        state=AnalysisJob.State.RUNNING,
+        started_at=timezone.now(),
+        attempts=job.attempts + 1,
+        error="",
     )
     try:
         bundle = loaded_bundle(job.model_version)
         result = predict_slide(bundle, job.slide.path, progress=_ProgressReporter(job))
     except JobCancelled:
-        _finish(job, state="cancelled", stage="cancelled")
-        return "cancelled"
+        _finish(job, state=AnalysisJob.State.CANCELLED, stage="cancelled")
+        return AnalysisJob.State.CANCELLED
     except AnalysisError as exc:
-        _finish(job, state="failed", error=str(exc))
+        _finish(job, state=AnalysisJob.State.FAILED, error=str(exc))
         _case_after_job(job)
-        return "failed"
+        return AnalysisJob.State.FAILED
     except (OSError, ConnectionError) as exc:
         AnalysisJob.objects.filter(pk=job.pk).update(error=f"retrying: {exc}")
         raise TransientJobError(str(exc)) from exc
     prediction = _store_prediction(job, result)
-    _finish(job, state="succeeded", progress=1.0, stage="done", timings=result.timings)
+    _finish(
+        job, state=AnalysisJob.State.SUCCEEDED, progress=1.0, stage="done", timings=result.timings
+    )
     _case_after_job(job)
     _announce_prediction(job, prediction)
-    return "succeeded"
+    return AnalysisJob.State.SUCCEEDED
 
 
 def _case_after_job(job: AnalysisJob) -> None:
     case = job.slide.case
-    if case.status == "analysing":
-        case.status = "ready"
-        case.save(update_fields=["status", "updated_at"])
+    case.analysis_finished()
     live.worklist_update(case)
 
 
@@ -230,12 +230,10 @@ def _announce_prediction(job: AnalysisJob, prediction: Prediction) -> None:
 
 def cancel_job(job: AnalysisJob) -> bool:
     """Ask a queued or running job to stop; a running one stops at its next progress report."""
-    updated = AnalysisJob.objects.filter(pk=job.pk, state__in=("queued", "running")).update(
-        state="cancelled", stage="cancelled", finished_at=timezone.now()
-    )
-    if updated:
-        live.job_update(job.pk, {"state": "cancelled"})
-    return bool(updated)
+    if not job.cancel():
+        return False
+    live.job_update(job.pk, {"state": AnalysisJob.State.CANCELLED})
+    return True
 
 
 @shared_task(acks_late=True, ignore_result=True)
@@ -244,7 +242,7 @@ def pretile_slide(slide_id: int) -> int:
     from portal.cases.models import Slide
     from portal.viewer.tiles import pretile
 
-    slide = Slide.objects.filter(pk=slide_id, status="ready").first()
+    slide = Slide.objects.filter(pk=slide_id, status=Slide.Status.READY).first()
     if slide is None:
         return 0
     try:
@@ -267,4 +265,7 @@ def ingest_and_analyse(self, slide_id: int) -> str:
     if slide.status == "ready":
         dispatch(pretile_slide, slide.pk)
         request_analysis(slide)
+        from portal.analyses.shadow import request_shadow
+
+        request_shadow(slide)  # a candidate in shadow mode analyses it too, out of sight
     return slide.status

@@ -11,6 +11,7 @@ from rest_framework.exceptions import APIException
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from portal.core.middleware import busy_response, is_database_busy
 from portal.reviews.models import ImmutableRowError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ def exception_handler(exc, context):
             {"detail": "This would duplicate or orphan an existing record."},
             status=status.HTTP_409_CONFLICT,
         )
+    if is_database_busy(exc):
+        log.warning("database busy on %s: %s", context["request"].path, exc)
+        return busy_response()
     if isinstance(exc, DataError):
         return Response(
             {"detail": "A value is out of range for its field."},

@@ -24,11 +24,11 @@ class QueryParamFilter(BaseFilterBackend):
             raw = request.query_params.get(param)
             if raw is None or raw == "":
                 continue
-            queryset = queryset.filter(**{lookup: self._parse(param, raw, kind)})
+            queryset = queryset.filter(**{lookup: self.parse(param, raw, kind)})
         return queryset
 
     @staticmethod
-    def _parse(param: str, raw: str, kind):
+    def parse(param: str, raw: str, kind):
         if kind is int:
             if not raw.isdigit() or int(raw) > MAX_INT:
                 raise ValidationError({param: f"'{raw[:40]}' is not a valid id"})

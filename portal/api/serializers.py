@@ -8,7 +8,7 @@ from rest_framework import serializers
 
 from portal.analyses.models import AnalysisJob, ModelVersion, Prediction
 from portal.api.models import ApiToken
-from portal.api.permissions import PATHOLOGIST, cohort_ids, is_admin
+from portal.cases.access import PATHOLOGIST, is_admin, role_in, visible
 from portal.cases.models import Case, Cohort, Membership, Slide
 from portal.reviews.geojson import GeometryError, validate_color, validate_geometry
 from portal.reviews.models import Annotation, AuditEvent, Diagnosis, SecondOpinionRequest
@@ -32,12 +32,7 @@ class VisibleRelatedField(serializers.PrimaryKeyRelatedField):
     def get_queryset(self):
         queryset = super().get_queryset()
         request = self.context.get("request")
-        user = getattr(request, "user", None)
-        if is_admin(user):
-            return queryset
-        if user is None or not user.is_authenticated:
-            return queryset.none()
-        return queryset.filter(**{f"{self.cohort_path}__in": cohort_ids(user, self.roles)})
+        return visible(queryset, getattr(request, "user", None), self.cohort_path, self.roles)
 
 
 class UsernameField(serializers.SlugRelatedField):
@@ -65,11 +60,7 @@ class CohortSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(serializers.CharField(allow_null=True))
     def get_my_role(self, cohort: Cohort) -> str | None:
-        user = self.context["request"].user
-        if is_admin(user):
-            return "admin"
-        roles = {m.cohort_id: m.role for m in Membership.objects.filter(user=user)}
-        return roles.get(cohort.pk)
+        return role_in(self.context["request"].user, cohort.pk)
 
 
 class SlideBriefSerializer(serializers.ModelSerializer):
@@ -101,6 +92,17 @@ class CaseSerializer(serializers.ModelSerializer):
         read_only_fields = ["status", "created_at", "updated_at"]
 
 
+class CaseIdentityAmendSerializer(serializers.Serializer):
+    patient_id = serializers.CharField(max_length=100, required=False)
+    accession_number = serializers.CharField(max_length=100, required=False)
+    reason = serializers.CharField(max_length=2000, help_text="Why the identity is corrected.")
+
+    def validate_reason(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("A correction needs a reason.")
+        return value
+
+
 class SlideSerializer(serializers.ModelSerializer):
     cohort = serializers.IntegerField(source="case.cohort_id", read_only=True)
 
@@ -113,8 +115,9 @@ class SlideSerializer(serializers.ModelSerializer):
 class ModelVersionSerializer(serializers.ModelSerializer):
     class Meta:
         model = ModelVersion
-        fields = "__all__"
-        read_only_fields = [f.name for f in ModelVersion._meta.fields]
+        # The validation report names cases of one cohort: it is shown on the model card only.
+        exclude = ["report"]
+        read_only_fields = [f.name for f in ModelVersion._meta.fields if f.name != "report"]
 
 
 class ActivateModelSerializer(serializers.Serializer):
@@ -123,6 +126,9 @@ class ActivateModelSerializer(serializers.Serializer):
         required=False,
         allow_null=True,
         help_text="Also make this the cohort's model for new analyses.",
+    )
+    reason = serializers.CharField(
+        max_length=2000, help_text="Why this version is activated (kept in the audit trail)."
     )
 
 

@@ -16,6 +16,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.routers import DefaultRouter
 
+from portal.analyses import api as lifecycle_api
 from portal.api import views
 
 
@@ -40,6 +41,11 @@ router.register("second-opinions", views.SecondOpinionViewSet, basename="secondo
 router.register("worklist", views.WorklistViewSet, basename="worklist")
 router.register("tokens", views.ApiTokenViewSet, basename="apitoken")
 router.register("audit-events", views.AuditEventViewSet, basename="auditevent")
+router.register("training-runs", lifecycle_api.TrainingRunViewSet, basename="trainingrun")
+router.register(
+    "shadow-deployments", lifecycle_api.ShadowDeploymentViewSet, basename="shadowdeployment"
+)
+router.register("model-activations", lifecycle_api.ModelActivationViewSet, basename="activation")
 
 SWAGGER_DIST = (
     Path(drf_spectacular_sidecar.__file__).parent

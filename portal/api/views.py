@@ -1,17 +1,16 @@
 """The v1 REST API: one ViewSet per resource on a router, extras as ``@action``.
 
-Every queryset is filtered by cohort membership first (``permissions.visible``), so objects of
+Every queryset is filtered by cohort membership first (``portal.cases.access.visible``), so objects of
 other cohorts answer 404; role checks on writes answer 403.
 """
 
 from __future__ import annotations
 
 from django.contrib.auth import authenticate, login, logout
-from django.db import models, transaction
-from django.db.models import IntegerField, Max, Q, Value, When
+from django.db import transaction
+from django.db.models import Max
 from django.middleware.csrf import get_token
 from django.shortcuts import get_object_or_404
-from django.utils import timezone
 from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
@@ -34,18 +33,12 @@ from portal.api.exceptions import (
     PreconditionFailed,
     PreconditionRequired,
 )
+from portal.api.filters import QueryParamFilter
 from portal.api.models import ApiToken
-from portal.api.permissions import (
-    INTEGRATION,
-    PATHOLOGIST,
-    CohortRolePermission,
-    IsAdmin,
-    IsAdminOrReadOnly,
-    is_admin,
-    require_role,
-    visible,
-)
+from portal.api.permissions import CohortRolePermission, IsAdmin, IsAdminOrReadOnly
+from portal.cases.access import INTEGRATION, PATHOLOGIST, is_admin, require_role, visible
 from portal.cases.models import Case, Cohort, Slide
+from portal.cases.worklist import DEFAULT_QUEUE, QUEUES, UnknownQueue, worklist
 from portal.reviews import audit, geojson, signing
 from portal.reviews.models import Annotation, AuditEvent, Diagnosis, SecondOpinionRequest
 
@@ -116,7 +109,31 @@ class CaseViewSet(viewsets.ModelViewSet):
         cohort = serializer.validated_data.get("cohort")
         if cohort is not None:
             require_role(self.request.user, cohort.pk, self.write_roles, "move cases into it")
+        frozen = signing.check_identity_frozen(
+            serializer.instance, serializer.validated_data, self.request.user, self.request
+        )
+        if frozen:
+            raise Conflict(
+                f"This case is signed: its {', '.join(sorted(frozen))} cannot change. An admin "
+                "corrects them with POST /api/v1/cases/<id>/amend-identity/ and a reason."
+            )
         serializer.save()
+
+    @extend_schema(
+        request=s.CaseIdentityAmendSerializer,
+        responses={200: s.CaseSerializer, 400: INVALID, 403: DETAIL, 409: DETAIL},
+    )
+    @action(detail=True, methods=["post"], url_path="amend-identity", permission_classes=[IsAdmin])
+    def amend_identity(self, request, pk=None):
+        """Correct a signed case's patient id or accession number (admins; audited)."""
+        case = self.get_object()
+        body = s.CaseIdentityAmendSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        reason = body.validated_data.pop("reason").strip()
+        if not signing.identity_changes(case, body.validated_data):
+            raise Conflict("Nothing to change: give a new patient_id or accession_number.")
+        case = signing.amend_identity(case, request.user, body.validated_data, reason, request)
+        return Response(self.get_serializer(case).data)
 
     def perform_destroy(self, case):
         if not is_admin(self.request.user):
@@ -125,7 +142,7 @@ class CaseViewSet(viewsets.ModelViewSet):
 
     def retrieve(self, request, *args, **kwargs):
         case = self.get_object()
-        if case.status == "signed":
+        if case.is_signed:
             audit.record(request.user, "case.view", case, request=request)
         return Response(self.get_serializer(case).data)
 
@@ -178,25 +195,34 @@ class ModelVersionViewSet(viewsets.ReadOnlyModelViewSet):
     search_fields = ["name", "version", "task"]
     ordering_fields = ["name", "created_at"]
 
-    @extend_schema(request=s.ActivateModelSerializer, responses=s.ModelVersionSerializer)
+    @extend_schema(
+        request=s.ActivateModelSerializer, responses={200: s.ModelVersionSerializer, 409: DETAIL}
+    )
     @action(detail=True, methods=["post"], permission_classes=[IsAdmin])
     def activate(self, request, pk=None):
-        """Mark the model active; with ``cohort``, also make it that cohort's model."""
+        """Mark the model active; with ``cohort``, also make it that cohort's model.
+
+        Refused (409) when the weights do not verify against their SHA-256 or a demo model
+        would go to a cohort not marked as demo; ``reason`` is required and audited.
+        """
+        from portal.analyses.lifecycle import ActivationError, activate, check_can_activate
+
         model = self.get_object()
         body = s.ActivateModelSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        with transaction.atomic():
-            ModelVersion.objects.filter(pk=model.pk).update(active=True)
-            cohort = body.validated_data.get("cohort")
+        cohort, reason = body.validated_data.get("cohort"), body.validated_data["reason"]
+        try:
             if cohort is not None:
-                Cohort.objects.filter(pk=cohort.pk).update(active_model=model)
-            audit.record(
-                request.user,
-                "model.activate",
-                model,
-                request=request,
-                cohort=getattr(cohort, "pk", None),
-            )
+                activate(model, cohort, request.user, reason, request=request)
+            else:
+                check_can_activate(model, None)
+                with transaction.atomic():
+                    ModelVersion.objects.filter(pk=model.pk).update(active=True)
+                    audit.record(
+                        request.user, "model.activate", model, request=request, reason=reason
+                    )
+        except ActivationError as exc:
+            raise Conflict(str(exc)) from exc
         model.refresh_from_db()
         return Response(self.get_serializer(model).data)
 
@@ -243,7 +269,7 @@ class AnalysisJobViewSet(viewsets.ReadOnlyModelViewSet):
         from portal.analyses.tasks import request_analysis
 
         job = self._job_for_change(request, "retry analyses")
-        if job.state not in ("failed", "cancelled"):
+        if job.state not in AnalysisJob.RETRYABLE:
             raise Conflict(
                 f"Job {job.pk} is {job.state}; only failed or cancelled jobs are retried."
             )
@@ -435,7 +461,7 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
 
     def retrieve(self, request, *args, **kwargs):
         diagnosis = self.get_object()
-        if diagnosis.case.status == "signed":
+        if diagnosis.case.is_signed:
             audit.record(request.user, "diagnosis.view", diagnosis, request=request)
         return self._respond(diagnosis)
 
@@ -449,7 +475,7 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
         if draft is not None:
             raise Conflict(f"This case already has a draft diagnosis ({draft.pk}); edit that one.")
         serializer.save(author=self.request.user, version=1, row_version=1)
-        Case.objects.filter(pk=case.pk).exclude(status="signed").update(status="in_review")
+        case.start_review()
 
     def create(self, request, *args, **kwargs):
         serializer = self.get_serializer(data=request.data)
@@ -598,20 +624,17 @@ class SecondOpinionViewSet(
         )
         if opinion.status == SecondOpinionRequest.CLOSED:
             raise Conflict("This request is already closed.")
-        opinion.status = SecondOpinionRequest.CLOSED
-        opinion.closed_at = timezone.now()
-        opinion.save(update_fields=["status", "closed_at"])
+        opinion.close()
         audit.record(request.user, "second_opinion.close", opinion, request=request)
         return Response(self.get_serializer(opinion).data)
 
 
-PRIORITY_RANK = models.Case(
-    When(priority="frozen", then=Value(0)),
-    When(priority="urgent", then=Value(1)),
-    default=Value(2),
-    output_field=IntegerField(),
-)
-QUEUES = ["mine", "unsigned", "second-opinion"]
+WORKLIST_FILTERS = {
+    "cohort": int,
+    "status": list(Case.Status.values),
+    "priority": list(Case.Priority.values),
+    "q": str,
+}
 
 
 @extend_schema_view(
@@ -620,10 +643,15 @@ QUEUES = ["mine", "unsigned", "second-opinion"]
             OpenApiParameter(
                 "queue",
                 str,
-                enum=QUEUES,
-                description="mine: your drafts and second opinions assigned to you; unsigned: "
-                "cases not yet signed; second-opinion: cases with an open request.",
-            )
+                enum=list(QUEUES),
+                description="unsigned: cases not yet signed (the default); mine: your drafts and "
+                "second opinions assigned to you; second-opinion: cases with an open request; "
+                "signed; all.",
+            ),
+            OpenApiParameter("cohort", int),
+            OpenApiParameter("status", str, enum=WORKLIST_FILTERS["status"]),
+            OpenApiParameter("priority", str, enum=WORKLIST_FILTERS["priority"]),
+            OpenApiParameter("q", str, description="part of an accession number or patient id"),
         ]
     )
 )
@@ -631,24 +659,19 @@ class WorklistViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     """Cases to work on, most urgent first (frozen, urgent, routine; then oldest)."""
 
     serializer_class = s.CaseSerializer
-    filter_params = {"cohort": ("cohort_id", int)}
 
     def get_queryset(self):
-        user = self.request.user
-        queue = self.request.query_params.get("queue", "unsigned")
-        cases = visible(Case.objects.prefetch_related("slides"), user, "cohort")
-        if queue == "unsigned":
-            cases = cases.exclude(status="signed")
-        elif queue == "mine":
-            cases = cases.filter(
-                Q(diagnoses__author=user, diagnoses__status=Diagnosis.DRAFT)
-                | Q(second_opinions__assigned_to=user, second_opinions__status="open")
-            )
-        elif queue == "second-opinion":
-            cases = cases.filter(second_opinions__status=SecondOpinionRequest.OPEN)
-        else:
-            raise ValidationError({"queue": f"'{queue[:40]}' is not one of {', '.join(QUEUES)}"})
-        return cases.distinct().annotate(rank=PRIORITY_RANK).order_by("rank", "created_at", "id")
+        params = self.request.query_params
+        filters = {
+            name: QueryParamFilter.parse(name, params[name], kind)
+            for name, kind in WORKLIST_FILTERS.items()
+            if params.get(name)
+        }
+        try:
+            cases = worklist(self.request.user, params.get("queue", DEFAULT_QUEUE), filters)
+        except UnknownQueue as exc:
+            raise ValidationError({"queue": str(exc)}) from exc
+        return cases.prefetch_related("slides")
 
 
 class ApiTokenViewSet(

@@ -18,6 +18,8 @@ class CohortAdmin(admin.ModelAdmin):
     list_display = ["name", "slug", "required_magnification", "active_model", "created_at"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
+    # Activation goes through the model card (guards, who and why, audit, rollback).
+    readonly_fields = ["active_model"]
     inlines = [MembershipInline]
 
 

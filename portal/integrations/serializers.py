@@ -6,8 +6,8 @@ from urllib.parse import urlsplit
 
 from rest_framework import serializers
 
-from portal.api.permissions import INTEGRATION
 from portal.api.serializers import VisibleRelatedField
+from portal.cases.access import INTEGRATION
 from portal.cases.models import Cohort
 from portal.integrations.models import EVENTS, Webhook, WebhookDelivery
 

@@ -12,6 +12,7 @@ import json
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class ImmutableRowError(Exception):
@@ -93,15 +94,19 @@ class DiagnosisQuerySet(models.QuerySet):
 
 
 class Diagnosis(models.Model):
-    DRAFT = "draft"
-    SIGNED = "signed"
-    STATUSES = [(DRAFT, "Draft"), (SIGNED, "Signed")]
+    class Status(models.TextChoices):
+        DRAFT = "draft", "Draft"
+        SIGNED = "signed", "Signed"
+
+    DRAFT = Status.DRAFT.value
+    SIGNED = Status.SIGNED.value
+    STATUSES = Status.choices
     # Fields whose values the content hash covers (plus ids of case, previous and signer).
     CONTENT_FIELDS = ("version", "call", "diagnosis_text", "free_text", "amendment_reason")
 
     case = models.ForeignKey("cases.Case", on_delete=models.PROTECT, related_name="diagnoses")
     version = models.IntegerField(default=1)
-    status = models.CharField(max_length=10, choices=STATUSES, default=DRAFT)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.DRAFT)
     ai_suggestion = models.JSONField(null=True, blank=True)  # the prediction as it was when signed
     call = models.CharField(max_length=100, blank=True)  # the class called, comparable to the AI's
     diagnosis_text = models.TextField(blank=True)
@@ -171,9 +176,13 @@ class Diagnosis(models.Model):
 
 
 class SecondOpinionRequest(models.Model):
-    OPEN = "open"
-    CLOSED = "closed"
-    STATUSES = [(OPEN, "Open"), (CLOSED, "Closed")]
+    class Status(models.TextChoices):
+        OPEN = "open", "Open"
+        CLOSED = "closed", "Closed"
+
+    OPEN = Status.OPEN.value
+    CLOSED = Status.CLOSED.value
+    STATUSES = Status.choices
 
     case = models.ForeignKey("cases.Case", on_delete=models.CASCADE, related_name="second_opinions")
     diagnosis = models.ForeignKey(
@@ -191,7 +200,7 @@ class SecondOpinionRequest(models.Model):
         on_delete=models.SET_NULL,
         related_name="assigned_second_opinions",
     )
-    status = models.CharField(max_length=10, choices=STATUSES, default=OPEN)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.OPEN)
     created_at = models.DateTimeField(auto_now_add=True)
     closed_at = models.DateTimeField(null=True, blank=True)
 
@@ -200,6 +209,11 @@ class SecondOpinionRequest(models.Model):
 
     def __str__(self) -> str:
         return f"second opinion on case {self.case_id} ({self.status})"
+
+    def close(self) -> None:
+        self.status = self.Status.CLOSED.value
+        self.closed_at = timezone.now()
+        self.save(update_fields=["status", "closed_at"])
 
 
 class AuditEventQuerySet(models.QuerySet):

@@ -8,7 +8,7 @@ from django.db import transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from portal.analyses.models import Prediction
+from portal.analyses.calls import call_of, latest_predictions
 from portal.cases.models import Case
 from portal.reviews import audit
 from portal.reviews.models import Diagnosis, SecondOpinionRequest
@@ -21,11 +21,9 @@ def ai_suggestion(case: Case) -> dict | None:
 
     The case-level call is the most confident of those slide predictions.
     """
-    latest: dict[int, Prediction] = {}
-    predictions = Prediction.objects.filter(slide__case=case).select_related("model_version")
-    for p in predictions.order_by("-created_at", "-id"):
-        latest.setdefault(p.slide_id, p)
-    if not latest:
+    latest = latest_predictions([case.pk]).get(case.pk, [])
+    top = call_of(latest)
+    if top is None:
         return None
     slides = [
         {
@@ -37,15 +35,56 @@ def ai_suggestion(case: Case) -> dict | None:
             "confidence": p.confidence,
             "probabilities": p.probabilities,
         }
-        for p in sorted(latest.values(), key=lambda p: p.slide_id)
+        for p in latest
     ]
-    top = max(slides, key=lambda s: s["confidence"])
     return {
-        "predicted_class": top["predicted_class"],
-        "confidence": top["confidence"],
-        "model": top["model"],
+        "predicted_class": top.predicted_class,
+        "confidence": top.confidence,
+        "model": str(top.model_version),
         "slides": slides,
     }
+
+
+# A signed report names the patient and the accession: once any diagnosis is signed these
+# change only through ``amend_identity`` (admins, with a reason, audited).
+IDENTITY_FIELDS = ("cohort", "patient_id", "accession_number")
+
+
+def is_signed(case: Case) -> bool:
+    return Diagnosis.objects.filter(case=case, status=Diagnosis.SIGNED).exists()
+
+
+def identity_changes(case: Case, proposed: dict) -> dict[str, list]:
+    """``{field: [old, new]}`` for the identity fields ``proposed`` would change."""
+    changes = {}
+    for field in IDENTITY_FIELDS:
+        if field not in proposed:
+            continue
+        old = case.cohort_id if field == "cohort" else getattr(case, field)
+        new = getattr(proposed[field], "pk", proposed[field])
+        if old != new:
+            changes[field] = [old, new]
+    return changes
+
+
+def check_identity_frozen(case: Case, proposed: dict, actor, request=None) -> dict[str, list]:
+    """The identity changes refused because the case is signed (audited); empty when allowed."""
+    changes = identity_changes(case, proposed)
+    if not changes or not is_signed(case):
+        return {}
+    audit.record(actor, "case.identity_refused", case, request=request, fields=sorted(changes))
+    return changes
+
+
+@transaction.atomic
+def amend_identity(case: Case, admin, changes: dict, reason: str, request=None) -> Case:
+    """Correct a signed case's patient id or accession number (admins), keeping before/after."""
+    applied = identity_changes(case, changes)
+    for field, (_old, new) in applied.items():
+        setattr(case, field, new)
+    case.save(update_fields=[*applied, "updated_at"])
+    audit.record(admin, "case.identity_amend", case, request=request, reason=reason, **applied)
+    return case
 
 
 def _disagrees(diagnosis: Diagnosis) -> bool:
@@ -100,7 +139,7 @@ def _seal(diagnosis: Diagnosis, signer) -> None:
     diagnosis.signed_at = timezone.now()
     diagnosis.content_hash = diagnosis.compute_content_hash()
     diagnosis.save()
-    Case.objects.filter(pk=diagnosis.case_id).update(status="signed", updated_at=timezone.now())
+    diagnosis.case.mark_signed()
 
 
 @transaction.atomic

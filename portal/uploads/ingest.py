@@ -52,12 +52,12 @@ def on_upload_complete(upload: Upload) -> Slide:
     slide = _store(upload)
     upload.slide = slide
     upload.save()
-    if slide.status == "ingesting":
+    if slide.status == Slide.Status.INGESTING:
         ingest_slide(slide)
-    if slide.status == "failed":
+    if slide.status == Slide.Status.FAILED:
         shutil.rmtree(slide_folder(slide), ignore_errors=True)
     _audit(upload, slide)
-    if slide.status == "ready":
+    if slide.is_ready:
         from portal.analyses.tasks import pretile_slide, request_analysis
         from portal.core.dispatch import dispatch
 
@@ -84,9 +84,7 @@ def ingest_slide(slide: Slide) -> Slide:
             f"{slide.original_name}: the slide could not be read ({exc.__class__.__name__}); "
             "check that the file is a complete whole-slide image and upload it again",
         )
-    slide.status = "ready"
-    slide.failure_reason = ""
-    slide.save()
+    slide.mark_ready()
     return slide
 
 
@@ -128,7 +126,7 @@ def safe_filename(name: str) -> str:
 def _ready_duplicate(upload: Upload) -> Slide | None:
     return (
         Slide.objects.filter(
-            case__cohort_id=upload.case.cohort_id, sha256=upload.sha256, status="ready"
+            case__cohort_id=upload.case.cohort_id, sha256=upload.sha256, status=Slide.Status.READY
         )
         .order_by("id")
         .first()
@@ -142,7 +140,7 @@ def _store(upload: Upload) -> Slide:
         original_name=upload.filename[:255],
         sha256=upload.sha256,
         size_bytes=upload.length,
-        status="ingesting",
+        status=Slide.Status.INGESTING,
     )
     folder = slide_folder(slide)
     folder.mkdir(parents=True, exist_ok=False)
@@ -160,8 +158,7 @@ def _unpack(slide: Slide, zip_path: Path, folder: Path) -> None:
     try:
         opened = extract_slide_archive(zip_path, folder, max_unzipped_bytes())
     except UnsafeArchiveError as exc:
-        slide.status = "failed"
-        slide.failure_reason = f"{slide.original_name}: {exc}"
+        slide.mark_failed(f"{slide.original_name}: {exc}", save=False)  # _store saves it
         return
     finally:
         zip_path.unlink(missing_ok=True)
@@ -208,9 +205,7 @@ def _reason(slide: Slide, exc: AnalysisError) -> str:
 
 
 def _fail(slide: Slide, reason: str) -> Slide:
-    slide.status = "failed"
-    slide.failure_reason = reason
-    slide.save()
+    slide.mark_failed(reason)
     return slide
 
 

@@ -30,7 +30,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from portal.api.permissions import INTEGRATION, PATHOLOGIST, cohort_ids, is_admin
+from portal.cases.access import INTEGRATION, PATHOLOGIST, visible
 from portal.cases.models import Case, Cohort, Slide
 from portal.uploads import tus
 from portal.uploads.ingest import on_upload_complete
@@ -62,10 +62,9 @@ SLIDE_DETAIL_FIELDS = (
 
 def uploadable_cases(user) -> QuerySet[Case]:
     """Cases in cohorts where the user is a pathologist or integration member (all for admins)."""
-    cases = Case.objects.select_related("cohort")
-    if is_admin(user):
-        return cases
-    return cases.filter(cohort_id__in=cohort_ids(user, (PATHOLOGIST, INTEGRATION)))
+    return visible(
+        Case.objects.select_related("cohort"), user, "cohort_id", (PATHOLOGIST, INTEGRATION)
+    )
 
 
 def find_case(user, metadata: dict[str, str]) -> Case | None:
@@ -293,7 +292,7 @@ def _create_upload(request: Request, metadata: dict[str, str], length: int) -> U
     case = find_case(request.user, metadata)
     if case is None:
         raise tus.TusError(404, "No such case (metadata 'case': id, or accession + 'cohort').")
-    if case.status == "signed":
+    if case.is_signed:
         raise tus.TusError(409, f"case {case.accession_number} is signed; slides cannot be added")
     upload = Upload.objects.create(
         user=request.user, case=case, filename=filename, length=length, metadata=metadata

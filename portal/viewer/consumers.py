@@ -5,7 +5,7 @@ from __future__ import annotations
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from portal.api.permissions import visible
+from portal.cases.access import visible
 
 
 @database_sync_to_async

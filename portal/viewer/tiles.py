@@ -95,7 +95,7 @@ _open_lock = threading.Lock()
 
 
 def visible_slides(user):
-    from portal.api.permissions import visible
+    from portal.cases.access import visible
     from portal.cases.models import Slide
 
     return visible(Slide.objects.select_related("case"), user, "case__cohort")

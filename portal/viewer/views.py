@@ -17,21 +17,25 @@ import numpy as np
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.staticfiles import finders
-from django.db.models import Q
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from analysis.heatmap import colormap_lut
+from portal.analyses.calls import ai_call, ai_calls
 from portal.analyses.models import AnalysisJob, Prediction
-from portal.api.permissions import PATHOLOGIST, is_admin, role_in, visible
+from portal.cases import worklist as worklists
+from portal.cases.access import PATHOLOGIST, is_admin, role_in, visible
 from portal.cases.models import Case, Cohort, Slide
 from portal.reviews import audit
-from portal.reviews.models import Diagnosis
 
 MAX_TOP_K = 100
 REGION_MAX_PX = 512
+# Hard caps on what one region request may read: the level-0 square asked for, and the square
+# actually read at the chosen pyramid level (2048 px RGBA is 16 MB).
+REGION_MAX_L0 = 8192
+REGION_MAX_READ_PX = 2048
 
 login_view = auth_views.LoginView.as_view(
     template_name="viewer/login.html", redirect_authenticated_user=True
@@ -41,49 +45,28 @@ logout_view = auth_views.LogoutView.as_view(next_page="/login/")
 
 # ---------------------------------------------------------------- worklist
 
-QUEUES = {
-    "unsigned": "Not yet signed",
-    "mine": "My drafts",
-    "signed": "Signed",
-    "all": "All cases",
-}
-PRIORITY_RANK = {"frozen": 0, "urgent": 1, "routine": 2}
+WORKLIST_ROWS = 500  # the page lists this many cases of the worklist, most urgent first
 
 
-def _ai_calls(case_ids: list[int]) -> dict[int, Prediction]:
-    """The most confident of each case's latest per-slide predictions (the case's AI call)."""
-    latest: dict[int, Prediction] = {}
-    predictions = Prediction.objects.filter(slide__case_id__in=case_ids).select_related("slide")
-    for p in predictions.order_by("-created_at", "-id"):
-        latest.setdefault(p.slide_id, p)
-    calls: dict[int, Prediction] = {}
-    for p in latest.values():
-        best = calls.get(p.slide.case_id)
-        if best is None or p.confidence > best.confidence:
-            calls[p.slide.case_id] = p
-    return calls
+def _worklist_filters(params) -> dict:
+    """The page's query parameters as ``worklist`` filters; values it cannot use are ignored."""
+    filters: dict = {}
+    if params.get("cohort", "").isdigit():
+        filters["cohort"] = int(params["cohort"])
+    if params.get("status") in Case.Status.values:
+        filters["status"] = params["status"]
+    if params.get("priority") in Case.Priority.values:
+        filters["priority"] = params["priority"]
+    if params.get("q"):
+        filters["q"] = params["q"]
+    return filters
 
 
 def _filtered_cases(request):
-    params = request.GET
-    cases = visible(Case.objects.select_related("cohort"), request.user, "cohort")
-    queue = params.get("queue", "unsigned")
-    if queue == "unsigned":
-        cases = cases.exclude(status="signed")
-    elif queue == "signed":
-        cases = cases.filter(status="signed")
-    elif queue == "mine":
-        cases = cases.filter(diagnoses__author=request.user, diagnoses__status=Diagnosis.DRAFT)
-    if params.get("status") in dict(Case.STATUSES):
-        cases = cases.filter(status=params["status"])
-    if params.get("priority") in dict(Case.PRIORITIES):
-        cases = cases.filter(priority=params["priority"])
-    if params.get("cohort", "").isdigit():
-        cases = cases.filter(cohort_id=int(params["cohort"]))
-    if params.get("q"):
-        query = params["q"].strip()[:100]
-        cases = cases.filter(Q(accession_number__icontains=query) | Q(patient_id__icontains=query))
-    return cases.distinct()[:500]
+    queue = request.GET.get("queue", worklists.DEFAULT_QUEUE)
+    if queue not in worklists.QUEUES:
+        queue = worklists.DEFAULT_QUEUE
+    return worklists.worklist(request.user, queue, _worklist_filters(request.GET))[:WORKLIST_ROWS]
 
 
 def _waiting(created_at) -> str:
@@ -97,8 +80,7 @@ def _waiting(created_at) -> str:
 
 def _worklist_rows(request) -> list[dict]:
     cases = list(_filtered_cases(request))
-    calls = _ai_calls([c.pk for c in cases])
-    cases.sort(key=lambda c: (PRIORITY_RANK.get(c.priority, 9), c.created_at, c.pk))
+    calls = ai_calls([c.pk for c in cases])
     return [
         {
             "case": case,
@@ -117,7 +99,7 @@ def worklist(request):
         return render(request, "viewer/_worklist_rows.html", context)
     context.update(
         page="worklist",
-        queues=QUEUES,
+        queues=worklists.QUEUES,
         statuses=Case.STATUSES,
         priorities=Case.PRIORITIES,
         cohorts=visible(Cohort.objects.all(), request.user, "pk"),
@@ -185,10 +167,11 @@ def _legend() -> list[str]:
 @login_required
 def case_page(request, case_id: int):
     case = _visible_case(request.user, case_id)
-    if case.status == "signed":
+    if case.is_signed:
         audit.record(request.user, "case.view", case, request=request)
     slides = [_slide_json(s) for s in case.slides.all()]
     role = role_in(request.user, case.cohort_id)
+    call = ai_call(case.pk)
     viewer_config = {
         "case": {
             "id": case.pk,
@@ -197,6 +180,7 @@ def case_page(request, case_id: int):
             "priority": case.priority,
         },
         "slides": slides,
+        "ai_call": _prediction_json(call) if call else None,
         "legend": _legend(),
         "user": {
             "username": request.user.get_username(),
@@ -259,14 +243,21 @@ def prediction_top_k(request, prediction_id: int):
     )
 
 
-def _region_jpeg(slide: Slide, l0_xy: tuple[int, int], l0_size: int, out_px: int) -> bytes:
+def _region_read_plan(osr, l0_size: int, out_px: int) -> tuple[int, int]:
+    """(pyramid level, side in that level's pixels) for a square of ``l0_size`` level-0 px."""
+    level = osr.get_best_level_for_downsample(l0_size / out_px)
+    return level, max(1, round(l0_size / osr.level_downsamples[level]))
+
+
+def _region_jpeg(slide: Slide, l0_xy: tuple[int, int], l0_size: int, out_px: int) -> bytes | None:
+    """The region as JPEG, or None when reading it would exceed ``REGION_MAX_READ_PX``."""
     from portal.viewer.tiles import SlideAccess, _deepzoom_for
 
     access = SlideAccess(slide.pk, slide.path, slide.sha256, slide.width, slide.height)
     osr = _deepzoom_for(access).osr
-    level = osr.get_best_level_for_downsample(l0_size / out_px)
-    scale = osr.level_downsamples[level]
-    side = max(1, round(l0_size / scale))
+    level, side = _region_read_plan(osr, l0_size, out_px)
+    if side > REGION_MAX_READ_PX:
+        return None
     image = osr.read_region(l0_xy, level, (side, side)).convert("RGB")
     image = image.resize((out_px, out_px))
     buffer = io.BytesIO()
@@ -274,20 +265,31 @@ def _region_jpeg(slide: Slide, l0_xy: tuple[int, int], l0_size: int, out_px: int
     return buffer.getvalue()
 
 
+def _bad_region(message: str) -> JsonResponse:
+    return JsonResponse({"detail": message}, status=400)
+
+
 @login_required
 @require_GET
 def slide_region(request, slide_id: int):
     """``?x=&y=&size=`` (level-0 px) -> a square JPEG of ``px`` pixels (default 128)."""
-    slides = visible(Slide.objects.filter(status="ready"), request.user, "case__cohort")
+    slides = visible(Slide.objects.filter(status=Slide.Status.READY), request.user, "case__cohort")
     slide = get_object_or_404(slides, pk=slide_id)
     try:
         x, y, size = (int(float(request.GET[p])) for p in ("x", "y", "size"))
         out_px = min(REGION_MAX_PX, max(16, int(request.GET.get("px", "128"))))
-    except (KeyError, ValueError) as exc:
-        raise Http404("give x, y and size in level-0 pixels") from exc
-    if size <= 0 or not (0 <= x < slide.width and 0 <= y < slide.height):
+    except (KeyError, ValueError, OverflowError):
+        return _bad_region("give x, y and size as level-0 pixel numbers, e.g. ?x=0&y=0&size=512")
+    if not 0 < size <= REGION_MAX_L0:
+        return _bad_region(f"size must be between 1 and {REGION_MAX_L0} level-0 pixels")
+    if not (0 <= x < slide.width and 0 <= y < slide.height):
         raise Http404("the region lies outside the slide")
     body = _region_jpeg(slide, (x, y), size, out_px)
+    if body is None:
+        return _bad_region(
+            f"this slide has no pyramid level coarse enough to read {size} level-0 pixels "
+            f"at {out_px} px; ask for a smaller size"
+        )
     response = HttpResponse(body, content_type="image/jpeg")
     response["Cache-Control"] = "private, max-age=86400"
     return response

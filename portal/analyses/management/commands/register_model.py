@@ -80,22 +80,47 @@ class Command(BaseCommand):
         parser.add_argument("bundle", type=Path)
         parser.add_argument("--activate", action="store_true", help="mark the model active")
         parser.add_argument("--cohort", help="with --activate: make it this cohort's model")
+        parser.add_argument(
+            "--reason",
+            default="registered and activated from the command line",
+            help="with --activate: why (kept in the audit trail)",
+        )
 
-    def handle(self, *args, bundle: Path, activate: bool, cohort: str | None, **options):
+    def handle(
+        self, *args, bundle: Path, activate: bool, cohort: str | None, reason: str, **options
+    ):
         if cohort and not activate:
             raise CommandError("--cohort only makes sense with --activate")
         bundle = self._bundle_dir(bundle)
         manifest = read_manifest(bundle)
         sha256 = weights_sha256(bundle)
         target = self._cohort(cohort) if cohort else None
+        if activate and target is not None and manifest.get("is_demo") and not target.is_demo:
+            raise CommandError(
+                f"{bundle} is a demo model (not for diagnosis) and cohort '{target.name}' is not "
+                "a demo cohort; register it without --activate or use a clinical model"
+            )
         model = self._register(bundle, manifest, sha256)
         if activate:
-            with transaction.atomic():
-                ModelVersion.objects.filter(pk=model.pk).update(active=True)
-                if target is not None:
-                    Cohort.objects.filter(pk=target.pk).update(active_model=model)
+            self._activate(model, target, reason)
         state = " (active" + (f" in {target.name})" if target else ")") if activate else ""
         self.stdout.write(f"Registered {model}{state}: sha256 {sha256[:12]}…, {model.bundle_path}")
+
+    @staticmethod
+    def _activate(model: ModelVersion, target: Cohort | None, reason: str) -> None:
+        from portal.analyses.lifecycle import ActivationError, activate, check_can_activate
+        from portal.reviews import audit
+
+        try:
+            if target is None:
+                check_can_activate(model, None)
+                with transaction.atomic():
+                    ModelVersion.objects.filter(pk=model.pk).update(active=True)
+                    audit.record(None, "model.activate", model, reason=reason, source="cli")
+            elif target.active_model_id != model.pk:
+                activate(model, target, None, reason, system=True)
+        except ActivationError as exc:
+            raise CommandError(str(exc)) from exc
 
     @staticmethod
     def _bundle_dir(bundle: Path) -> Path:

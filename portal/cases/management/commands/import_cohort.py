@@ -100,7 +100,7 @@ class Command(BaseCommand):
         case, _ = Case.objects.get_or_create(
             cohort=cohort,
             accession_number=patient_id,
-            defaults={"patient_id": patient_id, "status": "new"},
+            defaults={"patient_id": patient_id, "status": Case.Status.NEW},
         )
         if case.slides.filter(original_name=source.name).exists():
             return None
@@ -117,7 +117,7 @@ class Command(BaseCommand):
             file=str(relative),
             sha256=sha256_of(source) if source.is_file() else "",
             size_bytes=source.stat().st_size if source.is_file() else 0,
-            status="ingesting",
+            status=Slide.Status.INGESTING,
         )
 
     @staticmethod

@@ -71,6 +71,9 @@ class Command(BaseCommand):
         cohort, _ = Cohort.objects.get_or_create(
             name=COHORT, defaults={"slug": "demo", "required_magnification": 5.0}
         )
+        if not cohort.is_demo:  # the demo cohort runs the demo model (not for diagnosis)
+            Cohort.objects.filter(pk=cohort.pk).update(is_demo=True)
+            cohort.is_demo = True
         Membership.objects.get_or_create(
             user=User.objects.get(username="pathologist"),
             cohort=cohort,
@@ -117,7 +120,7 @@ class Command(BaseCommand):
                     "clinical_question": "Lesion present? (synthetic demo case)",
                 },
             )
-            ready = case.slides.filter(status="ready").first()
+            ready = case.slides.filter(status=Slide.Status.READY).first()
             if ready is not None:
                 self._analyse(accession, ready)  # a no-op once its prediction exists
                 continue
@@ -132,7 +135,7 @@ class Command(BaseCommand):
                     label=label,
                 )
             slide = Slide.objects.create(
-                case=case, original_name=f"{accession}-5x.svs", status="ingesting"
+                case=case, original_name=f"{accession}-5x.svs", status=Slide.Status.INGESTING
             )
             folder = Path(settings.SLIDE_DIR) / str(slide.pk)
             folder.mkdir(parents=True, exist_ok=True)

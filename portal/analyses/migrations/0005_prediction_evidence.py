@@ -3,7 +3,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("analyses", "0003_prediction_clusters"),
+        ("analyses", "0004_model_lifecycle"),
     ]
 
     operations = [

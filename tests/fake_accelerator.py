@@ -1,0 +1,77 @@
+"""Models that behave like ones moved to a GPU, for machines without one.
+
+Their weights live on torch's ``meta`` device (a real device that is not the CPU), so a caller
+that forgets to move inputs to the model's device hands them over on the CPU, and the model
+records it. What they return is an ``AcceleratorTensor``: CPU data that, like a CUDA tensor,
+refuses ``.numpy()`` until it is copied back with ``.cpu()``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FAKE_DEVICE = torch.device("meta")
+
+
+class AcceleratorTensor(torch.Tensor):
+    """A result still 'on the accelerator': ``.numpy()`` fails, ``.cpu()`` copies it back."""
+
+    copies_back = 0  # how many times results were copied to the CPU
+
+    def numpy(self, *args, **kwargs):  # type: ignore[override]
+        raise TypeError(
+            "can't convert accelerator device type tensor to numpy. Use Tensor.cpu() to copy the "
+            "tensor to host memory first."
+        )
+
+    def cpu(self, *args, **kwargs):  # type: ignore[override]
+        AcceleratorTensor.copies_back += 1
+        return self.as_subclass(torch.Tensor).clone()
+
+
+def on_accelerator(tensor: torch.Tensor) -> AcceleratorTensor:
+    return tensor.as_subclass(AcceleratorTensor)
+
+
+class _Recorder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.empty(1, device=FAKE_DEVICE))  # where the "weights" are
+        self.input_devices: list[torch.device] = []
+
+    def _record(self, *tensors: torch.Tensor) -> None:
+        self.input_devices.extend(t.device for t in tensors)
+
+    @property
+    def misplaced_inputs(self) -> list[torch.device]:
+        return [d for d in self.input_devices if d != self.anchor.device]
+
+
+class FakeAcceleratorMIL(_Recorder):
+    """A MIL model 'on a GPU': ``forward(features, coords) -> (logits (1, C), scores (N,))``."""
+
+    def __init__(self, n_classes: int = 2) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+
+    def forward(self, features: torch.Tensor, coords: torch.Tensor):
+        self._record(features, coords)
+        n = features.shape[0]
+        logits = torch.linspace(-1.0, 1.0, self.n_classes).reshape(1, -1)
+        scores = torch.linspace(0.0, 1.0, n)
+        return on_accelerator(logits), on_accelerator(scores)
+
+
+class FakeAcceleratorEncoderNet(_Recorder):
+    """A patch encoder network 'on a GPU': (B, 3, H, W) -> (B, embed_dim)."""
+
+    def __init__(self, embed_dim: int = 16) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+
+    def forward(self, x: torch.Tensor):
+        self._record(x)
+        b = x.shape[0]
+        rows = torch.arange(b * self.embed_dim, dtype=torch.float32).reshape(b, self.embed_dim)
+        return on_accelerator(torch.sin(rows))
