@@ -26,7 +26,8 @@ demo: setup frontend
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy analysis
+	$(BIN)/mypy analysis client
+	PYTHONPATH=. $(BIN)/lint-imports --no-cache
 
 format: setup
 	$(BIN)/ruff format .

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.errors import BundleError
+from analysis.files import sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -50,11 +51,15 @@ class BundleManifest:
         )
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def weights_sha256(bundle_dir: str | Path) -> str:
+    """One SHA-256 over the bundle's ``*.safetensors`` files in name order (name, then bytes):
+    what ``register_model`` records and the portal checks before a model may be active."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+    for file in sorted(Path(bundle_dir).glob("*.safetensors")):
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
     return digest.hexdigest()
 
 

@@ -21,7 +21,7 @@ COMMAND_MODULES = [
     "analysis.commands.maga",
     "analysis.commands.crossval",
     "analysis.commands.models",
-    "analysis.commands.send",
+    "client.command",  # the hospital side, beside the library
 ]
 
 
@@ -31,13 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(module_name).register(subparsers)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""``python -m analysis.demo`` (``make demo``): a synthetic 20x slide, its 5x export, their sizes.
+"""``python -m analysis.demo``: a synthetic 20x slide, its 5x export, their sizes (the library
+alone; ``make demo`` runs the portal's ``manage.py demo``, which does this and more).
 
 Writes into ``./data/demo/`` and reuses a slide already written with the same parameters.
 """

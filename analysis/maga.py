@@ -46,6 +46,7 @@ from analysis.encoders import (
     save_weights,
 )
 from analysis.errors import AnalysisError, NoTissueError
+from analysis.files import write_json_atomic
 from analysis.slides import PATCH_UM, open_slide, patch_size_px
 from analysis.tissue import patch_grid
 
@@ -556,9 +557,7 @@ def _load_checkpoint(
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=2))
-    tmp.replace(path)
+    write_json_atomic(path, _jsonable(payload))
 
 
 def _jsonable(value):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch import Tensor, nn
 
+from analysis.metrics import auc_score
 from analysis.mil.clam import CLAMSB
 from analysis.mil.registry import build_mil, mil_config_from_dict, mil_config_to_dict
 
@@ -220,8 +221,6 @@ def predict_proba(model: nn.Module, bags: Sequence[Bag]) -> np.ndarray:
 
 def validation_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Loss, macro-F1, accuracy and AUC of one set of bag logits."""
-    from analysis.evaluate import auc_score
-
     logits_t = torch.from_numpy(logits)
     n_classes = logits.shape[1]
     probs = torch.softmax(logits_t, dim=1).numpy()

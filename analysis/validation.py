@@ -18,12 +18,23 @@ import numpy as np
 from analysis.evaluate import OutOfFoldPredictions, auc_score, bootstrap_auc_ci, plot_roc
 
 
-def predicted_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Binary: class 1 when its probability reaches ``threshold``; otherwise the argmax."""
+def predicted_labels(probs: np.ndarray, threshold: float = 0.5, positive: int = 1) -> np.ndarray:
+    """Binary: ``positive`` when its probability reaches ``threshold``, else the other class;
+    more classes: the argmax."""
     probs = np.asarray(probs)
     if probs.shape[1] == 2:
-        return (probs[:, 1] >= threshold).astype(int)
+        return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
     return probs.argmax(axis=1)
+
+
+NEGATIVE_NAMES = {"normal", "benign", "negative", "no lesion", "non-tumour", "non-tumor"}
+
+
+def positive_index(classes: Sequence[str]) -> int:
+    """Which of two classes is the finding: the one not named like a negative (default 1)."""
+    if len(classes) == 2 and str(classes[1]).strip().lower() in NEGATIVE_NAMES:
+        return 0
+    return 1
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> list[list[int]]:
@@ -69,13 +80,20 @@ def validation_report(
     seed: int = 0,
     out_dir: str | Path | None = None,
     title: str = "",
+    positive: int | None = None,
 ) -> dict[str, Any]:
-    """Metrics of pooled out-of-fold predictions; PNGs (roc.png, calibration.png) in ``out_dir``."""
+    """Metrics of pooled out-of-fold predictions; PNGs (roc.png, calibration.png) in ``out_dir``.
+
+    Binary models: ``positive`` (default: ``positive_index(classes)``) is the class whose
+    probability is compared with ``threshold``; sensitivity and calibration refer to it.
+    """
     labels, probs = np.asarray(predictions.labels), np.asarray(predictions.probs)
     groups = np.asarray(predictions.patient_ids)
     ci = bootstrap_auc_ci(labels, probs, groups, n_bootstrap, seed=seed)
-    predicted = predicted_labels(probs, threshold)
-    positive_class = 1 if probs.shape[1] == 2 else None
+    positive_class = None
+    if probs.shape[1] == 2:
+        positive_class = positive_index(classes) if positive is None else positive
+    predicted = predicted_labels(probs, threshold, 1 if positive_class is None else positive_class)
     report: dict[str, Any] = {
         "classes": list(classes),
         "n_slides": int(len(labels)),
@@ -92,23 +110,31 @@ def validation_report(
         "accuracy": float((predicted == labels).mean()),
     }
     if positive_class is not None:
-        report["calibration"] = calibration_bins(labels == 1, probs[:, 1])
-        tp = int(((predicted == 1) & (labels == 1)).sum())
-        fn = int(((predicted == 0) & (labels == 1)).sum())
-        tn = int(((predicted == 0) & (labels == 0)).sum())
-        fp = int(((predicted == 1) & (labels == 0)).sum())
+        pos = positive_class
+        report["calibration"] = calibration_bins(labels == pos, probs[:, pos])
+        tp = int(((predicted == pos) & (labels == pos)).sum())
+        fn = int(((predicted != pos) & (labels == pos)).sum())
+        tn = int(((predicted != pos) & (labels != pos)).sum())
+        fp = int(((predicted == pos) & (labels != pos)).sum())
         report["sensitivity"] = tp / (tp + fn) if tp + fn else None
         report["specificity"] = tn / (tn + fp) if tn + fp else None
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         plot_roc(predictions, list(classes), out / "roc.png", title or "ROC")
-        plot_calibration(labels, probs, list(classes), out / "calibration.png", title)
+        plot_calibration(
+            labels, probs, list(classes), out / "calibration.png", title, positive_class
+        )
     return report
 
 
 def plot_calibration(
-    labels: np.ndarray, probs: np.ndarray, classes: list[str], path: Path, title: str = ""
+    labels: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    path: Path,
+    title: str = "",
+    positive: int | None = 1,
 ) -> None:
     """Reliability diagram: observed frequency against mean predicted probability per bin."""
     import matplotlib
@@ -117,7 +143,8 @@ def plot_calibration(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    targets = [1] if probs.shape[1] == 2 else list(range(probs.shape[1]))
+    targets = [positive if positive is not None else 1] if probs.shape[1] == 2 else None
+    targets = targets or list(range(probs.shape[1]))
     for c in targets:
         bins = calibration_bins(labels == c, probs[:, c])
         ax.plot(

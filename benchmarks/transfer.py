@@ -4,7 +4,7 @@
    time either takes at 10, 50 and 200 Mbit/s computed from the bytes alone.
 2. The same uploads measured: a local portal (``manage.py runserver`` on a free port, SQLite and
    files in a temporary ``LOWMAG_DATA_DIR``, tasks in a thread) receives each file through the tus
-   client of ``analysis.sender``, its PATCH bodies throttled by a token bucket to each bandwidth.
+   client of ``client.sender``, its PATCH bodies throttled by a token bucket to each bandwidth.
    ``wire_s`` is first to last body byte; ``upload_s`` adds the server's ingest of the last chunk.
 3. End to end: the real ``lowmag send --wait --json`` (export, upload, analysis with a tiny
    untrained GLTrans bundle on the fallback encoder, prediction) at 200 Mbit/s, for the 5x export
@@ -37,14 +37,14 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from analysis.sender import (  # noqa: E402
+from analysis.synth import write_synthetic_slide  # noqa: E402
+from client.sender import (  # noqa: E402
     PreparedFile,
     Target,
     TransferOptions,
     TusUploader,
     prepare_file,
 )
-from analysis.synth import write_synthetic_slide  # noqa: E402
 
 OUT_DIR = ROOT / "benchmarks" / "out"
 README = ROOT / "benchmarks" / "README.md"
@@ -333,7 +333,7 @@ def update_readme(table: str, command: str) -> None:
         f"{SECTION}\n\n`{command}` (`benchmarks/transfer.py`; JSON in `benchmarks/out/transfer.json`).\n\n"
         "- *computed s*: bytes x 8 / bandwidth.\n"
         "- *measured s*: first to last PATCH body byte through the real tus client "
-        "(`analysis.sender`, 4 MiB chunks with SHA-256 checksums) to a local portal "
+        "(`client.sender`, 4 MiB chunks with SHA-256 checksums) to a local portal "
         "(`manage.py runserver`, SQLite) on loopback, the bodies throttled by a token bucket.\n"
         "- *upload + ingest s*: creation request to the answer to the last chunk, which includes "
         "the server hashing the file and ingesting the slide (scale, tissue mask, thumbnail). "

@@ -142,7 +142,7 @@ def run_in_portal(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     user = User.objects.create_user("lis", "lis@example.org", "x")
     timers = {
-        "sha256": Timer(ingest, "sha256_of"),
+        "sha256": Timer(ingest, "sha256_file"),
         "ingest": Timer(ingest, "ingest_slide"),
         "analysis_task": Timer(tasks.run_analysis, "run"),
     }

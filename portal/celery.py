@@ -14,7 +14,20 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from celery import Celery  # noqa: E402
+from celery.signals import worker_process_init  # noqa: E402
 
 app = Celery("portal")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@worker_process_init.connect
+def _preload_models(**_: object) -> None:
+    """A worker child with ``LOWMAG_PRELOAD_MODELS`` (the gpu queue's) loads the active models
+    on its device before its first task."""
+    from django.conf import settings
+
+    if getattr(settings, "LOWMAG_PRELOAD_MODELS", False):
+        from portal.analyses.tasks import preload_active_models
+
+        preload_active_models()

@@ -165,20 +165,19 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 # Celery: the production scale-out engine (Redis broker). Without REDIS_URL, tasks run in a
-# background thread of the web process through portal.jobs.dispatch (same task code).
+# background thread of the web process through portal.core.dispatch (same task code).
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
+# Analyses and training go to the GPU workers; every other task (whatever module defines it) to
+# the CPU ones.
 CELERY_TASK_ROUTES = {
     "portal.analyses.tasks.run_analysis": {"queue": "gpu"},
     "portal.analyses.training.run_training": {"queue": "gpu"},
     "portal.analyses.shadow.run_shadow": {"queue": "gpu"},
-    "portal.analyses.tasks.*": {"queue": "cpu"},
-    "portal.uploads.tasks.*": {"queue": "cpu"},
-    "portal.integrations.tasks.*": {"queue": "cpu"},
 }
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("LOWMAG_VISIBILITY_TIMEOUT", 3600)}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -189,6 +188,10 @@ LOWMAG_TASK_MODE = env_str("LOWMAG_TASK_MODE")  # celery | thread | sync; see po
 
 # Torch threads per worker process (1 is sane per Celery child on small machines).
 LOWMAG_TORCH_THREADS = env_int("LOWMAG_TORCH_THREADS", 0)
+# Torch device of analysis workers: empty/auto = cuda when present, else cpu (analysis.devices).
+LOWMAG_DEVICE = env_str("LOWMAG_DEVICE", "")
+# A worker child loads the active models when it starts (set for the gpu queue's workers).
+LOWMAG_PRELOAD_MODELS = env_bool("LOWMAG_PRELOAD_MODELS", False)
 LOWMAG_MAX_UPLOAD_BYTES = env_int("LOWMAG_MAX_UPLOAD_BYTES", 20 * 1024**3)
 
 # Security: off by default (plain HTTP on localhost); production values in deploy/SETTINGS.md.

@@ -11,5 +11,6 @@ urlpatterns = [
     path("api/v1/uploads/", include("portal.uploads.urls")),
     path("api/v1/integrations/", include("portal.integrations.urls")),
     path("api/", include("portal.api.urls")),
+    path("", include("portal.analyses.urls")),
     path("", include("portal.viewer.urls")),
 ]

@@ -7,7 +7,10 @@
   no real file behind it)
 - ``prediction_a``: an AI prediction ("tumor", 0.9) on ``slide_a``
 - ``api_client_for(user)``: a DRF APIClient authenticated as ``user`` (None: anonymous);
-  ``api_client_for(user, token=raw)`` sends ``Authorization: Token raw`` instead.
+  ``api_client_for(user, token=raw)`` sends ``Authorization: Token raw`` instead;
+  ``lis_client``: the one of ``integration_a``
+- ``storage``: slides and uploads in the test's own temporary folder (``tmp_path/slides``,
+  ``tmp_path/uploads``); returns ``tmp_path``
 
 Every user's password is ``PASSWORD``.
 """
@@ -197,3 +200,15 @@ def api_client_for(db):
         return client
 
     return build
+
+
+@pytest.fixture
+def lis_client(api_client_for, integration_a):
+    return api_client_for(integration_a)
+
+
+@pytest.fixture
+def storage(settings, tmp_path):
+    settings.UPLOAD_DIR = tmp_path / "uploads"
+    settings.SLIDE_DIR = tmp_path / "slides"
+    return tmp_path

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from io import StringIO
 
 import pytest
@@ -28,11 +26,7 @@ def slide_folder(tmp_path):
     return folder, labels
 
 
-def test_import_cohort_creates_cases_per_patient_and_links_slides(
-    slide_folder, settings, tmp_path, monkeypatch
-):
-    monkeypatch.setitem(sys.modules, "portal.uploads.ingest", None)  # no ingest installed
-    settings.SLIDE_DIR = tmp_path / "slides"
+def test_import_cohort_creates_cases_per_patient_and_links_slides(slide_folder, storage):
     folder, labels = slide_folder
     out = StringIO()
     call_command(
@@ -42,7 +36,9 @@ def test_import_cohort_creates_cases_per_patient_and_links_slides(
     assert cohort.slug == "lung-2026"
     assert sorted(Case.objects.values_list("patient_id", flat=True)) == ["P001", "P002"]
     slide = Slide.objects.get(original_name="P002-S1.tiff")
-    assert slide.status == "ingesting" and len(slide.sha256) == 64
+    assert len(slide.sha256) == 64
+    # these files are not slides: ingest marks them failed with a reason and keeps the file
+    assert slide.status == "failed" and slide.failure_reason.startswith("P002-S1.tiff:")
     assert slide.path.read_bytes() == (folder / "P002-S1.tiff").read_bytes()
     call_command(
         "import_cohort", str(folder), "--labels", str(labels), "--cohort", "Lung 2026", stdout=out
@@ -51,18 +47,15 @@ def test_import_cohort_creates_cases_per_patient_and_links_slides(
     assert "0 slides imported, 3 already present" in out.getvalue()
 
 
-def test_import_cohort_ingests_through_the_upload_ingest_when_present(
-    slide_folder, settings, tmp_path, monkeypatch
-):
+def test_import_cohort_ingests_each_slide(slide_folder, storage, monkeypatch):
     def ingest_slide(slide):
         slide.status = "ready"
         slide.save()
         return slide
 
-    monkeypatch.setitem(
-        sys.modules, "portal.uploads.ingest", types.SimpleNamespace(ingest_slide=ingest_slide)
+    monkeypatch.setattr(
+        "portal.uploads.management.commands.import_cohort.ingest_slide", ingest_slide
     )
-    settings.SLIDE_DIR = tmp_path / "slides"
     folder, labels = slide_folder
     call_command(
         "import_cohort", str(folder), "--labels", str(labels), "--cohort", "C", stdout=StringIO()
@@ -70,8 +63,7 @@ def test_import_cohort_ingests_through_the_upload_ingest_when_present(
     assert set(Slide.objects.values_list("status", flat=True)) == {"ready"}
 
 
-def test_import_cohort_names_a_missing_slide(slide_folder, settings, tmp_path):
-    settings.SLIDE_DIR = tmp_path / "slides"
+def test_import_cohort_names_a_missing_slide(slide_folder, storage):
     folder, labels = slide_folder
     (folder / "P002-S1.tiff").unlink()
     with pytest.raises(CommandError, match="P002-S1"):

@@ -95,7 +95,7 @@ def test_on_postgresql_raw_sql_cannot_change_audit_events_or_signed_diagnoses(
 
     if connection.vendor != "postgresql":
         pytest.skip("the write-once triggers exist on PostgreSQL only")
-    signed = signing.sign(Diagnosis.objects.create(case=case_a, author=path_a), path_a)
+    signed = signing.do_sign(Diagnosis.objects.create(case=case_a, author=path_a), path_a)
     statements = [
         ("UPDATE reviews_auditevent SET action = 'x' WHERE id = %s", event.pk),
         ("DELETE FROM reviews_auditevent WHERE id = %s", event.pk),

@@ -124,3 +124,31 @@ def test_cli_device_flag_is_used_and_a_bad_one_is_one_line(tiny, capsys, monkeyp
     assert "unknown device 'gpu0'" in err and len(err.strip().splitlines()) == 1
     assert main(["predict", str(tiny.path), slide, "--device", "cpu"]) == 0
     assert "patches" in capsys.readouterr().out
+
+
+def test_cross_validation_inference_feeds_bags_on_the_models_device():
+    from analysis.train import Bag, predict_proba
+
+    rng = np.random.default_rng(1)
+    bags = [
+        Bag(rng.normal(size=(n, 8)).astype(np.float32), np.zeros((n, 2), np.int64), 0, f"s{n}", "p")
+        for n in (5, 9)
+    ]
+    mil = FakeAcceleratorMIL(n_classes=2)
+    probabilities = predict_proba(mil, bags)
+    assert probabilities.shape == (2, 2) and mil.misplaced_inputs == []
+
+
+def test_bad_input_with_models_off_the_cpu_gets_the_cpu_paths_errors(tiny):
+    from analysis.errors import MagnificationUnavailableError, NoTissueError
+
+    bundle = _fake_bundle(tiny)
+    with pytest.raises(NoTissueError):
+        predict_slide(bundle, shared_slide("small.svs"))
+    bundle.manifest.magnification = 40.0  # finer than the CMU slide (20x)
+    try:
+        with pytest.raises(MagnificationUnavailableError, match="upsampling"):
+            predict_slide(bundle, shared_slide("cmu-1-small-region.svs"))
+    finally:
+        bundle.manifest.magnification = 5.0
+    assert bundle.mil.input_devices == []  # refused before anything reached the model

@@ -226,11 +226,6 @@ def test_fhir_export_of_an_unsigned_case_is_a_conflict(client_a, case_a):
     assert client_a.get(f"/api/v1/cases/{case_a.pk}/fhir/").status_code == 409
 
 
-def test_fhir_export_without_the_fhir_module_is_501(client_a, signed, case_a, monkeypatch):
-    monkeypatch.setitem(sys.modules, "portal.integrations.fhir", None)
-    assert client_a.get(f"/api/v1/cases/{case_a.pk}/fhir/").status_code == 501
-
-
 def test_signing_and_amending_emit_webhooks_after_commit(
     client_a, case_a, monkeypatch, django_capture_on_commit_callbacks
 ):

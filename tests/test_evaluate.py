@@ -14,17 +14,9 @@ from sklearn.metrics import roc_auc_score
 
 from analysis.cli import main as lowmag
 from analysis.commands.crossval import load_bags
-from analysis.evaluate import (
-    auc_score,
-    bootstrap_auc_ci,
-    bootstrap_mean_ci,
-    compare_crossval,
-    crossval,
-    make_folds,
-    paired_bootstrap_test,
-    read_predictions,
-)
+from analysis.evaluate import compare_crossval, crossval, make_folds, read_predictions
 from analysis.features import grid_rc_from_coords
+from analysis.metrics import auc_score, bootstrap_auc_ci, bootstrap_mean_ci, paired_bootstrap_test
 from analysis.train import Bag, TrainConfig
 
 

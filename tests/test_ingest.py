@@ -20,15 +20,8 @@ from tests.test_uploads import tus_upload
 
 
 @pytest.fixture(autouse=True)
-def storage(settings, tmp_path: Path) -> Path:
-    settings.UPLOAD_DIR = tmp_path / "uploads"
-    settings.SLIDE_DIR = tmp_path / "slides"
-    return tmp_path
-
-
-@pytest.fixture
-def lis_client(api_client_for, integration_a):
-    return api_client_for(integration_a)
+def _own_storage(storage):
+    """Every test here stores slides and uploads in its own temporary folder."""
 
 
 def upload_bytes(client, case, data: bytes, name: str) -> Slide:

@@ -22,7 +22,8 @@ from analysis.mil import (
     mil_config_to_dict,
     mil_name,
 )
-from analysis.mil.gltrans import LocalConv, chunked_attention, grid_cells
+from analysis.mil.bag import chunked_attention
+from analysis.mil.gltrans import LocalConv, grid_cells
 
 SMALL = {"in_dim": 32, "dim": 64}
 SMALL_HEADS = {**SMALL, "n_heads": 4}
@@ -137,9 +138,9 @@ def test_gltrans_contrast_scores_are_deterministic_and_change_sign_with_target()
 
 
 def test_chunked_attention_matches_scaled_dot_product_attention(monkeypatch):
-    import analysis.mil.gltrans as gltrans
+    import analysis.mil.bag as bag
 
-    monkeypatch.setattr(gltrans, "CHUNK_ELEMENTS", 2 * 3 * 50 * 7)  # chunks of 7 queries
+    monkeypatch.setattr(bag, "CHUNK_ELEMENTS", 2 * 3 * 50 * 7)  # chunks of 7 queries
     q, k, v = torch.randn(3, 1, 2, 50, 8).unbind(0)
     assert torch.allclose(chunked_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 

@@ -65,14 +65,14 @@ def test_train_validate_shadow_activate_and_roll_back(
     django_capture_on_commit_callbacks,
     monkeypatch,
 ):
-    from analysis.evaluate import auc_score
+    from analysis.metrics import auc_score
     from portal.analyses.models import ModelVersion, Prediction, ShadowPrediction, TrainingRun
-    from portal.analyses.tasks import ingest_and_analyse
     from portal.cases.models import Slide
     from portal.integrations import webhooks
     from portal.integrations.models import Webhook, WebhookDelivery
     from portal.reviews import signing
     from portal.reviews.models import AuditEvent
+    from portal.uploads.ingest import ingest_and_analyse
 
     baseline = lab
     admin, pathologist = api_client_for(admin_user), api_client_for(path_a)
@@ -133,7 +133,9 @@ def test_train_validate_shadow_activate_and_roll_back(
     assert report["auc_pooled"] == pytest.approx(auc_score(labels, probs), abs=1e-5)
     low, high = report["auc_pooled_ci"]
     assert low <= report["auc_pooled"] <= high
-    predicted = (probs[:, 1] >= report["threshold"]).astype(int)
+    assert report["positive_class"] == "lesion"  # the finding, not "normal"
+    pos = classes.index("lesion")
+    predicted = np.where(probs[:, pos] >= report["threshold"], pos, 1 - pos)
     expected = [[int(((labels == t) & (predicted == p)).sum()) for p in (0, 1)] for t in (0, 1)]
     assert report["confusion_matrix"] == expected and sum(map(sum, expected)) == N_CASES
     for name in ("roc.png", "calibration.png"):
@@ -204,7 +206,7 @@ def test_train_validate_shadow_activate_and_roll_back(
     assert comparison["candidate"]["agreement"] == pytest.approx(np.mean(candidate_right))
     test = comparison["paired_test"]
     assert test["only_a_correct"] == sum(
-        c and not b for c, b in zip(candidate_right, baseline_right)
+        c and not b for c, b in zip(candidate_right, baseline_right, strict=True)
     )
     assert 0.0 <= test["p_value"] <= 1.0
 

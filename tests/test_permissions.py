@@ -86,7 +86,30 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("prediction", "scores"): Row(READ_IN_A),
     ("modelversion", "list"): Row(LIST),
     ("modelversion", "retrieve"): Row(expect(200, 200, 200, 200)),  # models are global
-    ("modelversion", "activate"): Row(ADMIN_ONLY, {}),
+    ("modelversion", "activate"): Row(  # the fixture version has no weights: refused
+        expect(409, 403, 403, 403), lambda w: {"cohort": w["cohort"].pk, "reason": "r"}
+    ),
+    ("trainingrun", "list"): Row(ADMIN_ONLY),
+    ("trainingrun", "retrieve"): Row(ADMIN_ONLY),
+    ("trainingrun", "create"): Row(  # one signed case: too few for a training set
+        expect(400, 403, 403, 403),
+        lambda w: {
+            "cohort": w["cohort"].pk,
+            "signed_from": "2020-01-01",
+            "signed_to": "2100-01-01",
+        },
+    ),
+    ("shadowdeployment", "list"): Row(ADMIN_ONLY),
+    ("shadowdeployment", "retrieve"): Row(ADMIN_ONLY),
+    ("shadowdeployment", "create"): Row(  # no weights behind the candidate: refused
+        expect(409, 403, 403, 403),
+        lambda w: {"candidate": w["modelversion"].pk, "cohort": w["cohort"].pk},
+    ),
+    ("shadowdeployment", "stop"): Row(ADMIN_ONLY),
+    ("activation", "list"): Row(ADMIN_ONLY),
+    ("activation", "rollback"): Row(  # nothing was activated in the world
+        expect(409, 403, 403, 403), lambda w: {"cohort": w["cohort"].pk, "reason": "r"}
+    ),
     ("annotation", "list"): Row(LIST),
     ("annotation", "create"): Row(
         expect(201, 201, 400, 403), lambda w: {"slide": w["slide"].pk, "geometry": POLYGON}
@@ -198,9 +221,19 @@ def world(
     draft = Diagnosis.objects.create(case=case_a, author=path_a, call="tumor")
     signed_case = make_case(cohort_a, "A-002")
     signed = Diagnosis.objects.create(case=signed_case, author=path_a, call="tumor")
-    signing.sign(signed, path_a)
+    signing.do_sign(signed, path_a)
     opinion = SecondOpinionRequest.objects.create(case=case_a, reason="?", requested_by=path_a)
+    from portal.analyses.models import ShadowDeployment, TrainingRun
+
+    model = prediction_a.model_version
     return {
+        "trainingrun": TrainingRun.objects.create(
+            cohort=cohort_a, signed_from="2020-01-01", signed_to="2020-12-31", state="failed"
+        ),
+        "shadowdeployment": ShadowDeployment.objects.create(
+            cohort=cohort_a, candidate=model, baseline=model
+        ),
+        "activation": None,
         "cohort": cohort_a,
         "case": case_a,
         "slide": slide_a,

@@ -103,7 +103,7 @@ def fuzz_tokens(
         slide=slide_a, author=path_a, geometry={"type": "Point", "coordinates": [1, 2]}
     )
     draft = Diagnosis.objects.create(case=case_a, author=path_a, call="tumor")
-    signed = signing.sign(Diagnosis.objects.create(case=case_2, author=path_a), path_a)
+    signed = signing.do_sign(Diagnosis.objects.create(case=case_2, author=path_a), path_a)
     opinion = SecondOpinionRequest.objects.create(case=case_a, reason="?")
     tokens = {"admin": ApiToken.issue(admin_user), "pathologist": ApiToken.issue(path_a)}
     KNOWN_IDS.update(

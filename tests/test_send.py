@@ -234,7 +234,7 @@ def test_killed_send_resumes_from_the_servers_offset(portal, slide_20x, capsys):
 
 
 def test_an_upload_the_server_forgot_starts_over(portal, slide_20x, token_env, capsys):
-    from analysis.sender import Target, prepare_file
+    from client.sender import Target, prepare_file
     from portal.uploads.models import Upload
 
     token_env(portal.token)
@@ -268,9 +268,9 @@ def test_a_send_killed_after_the_last_byte_gets_its_slide_on_the_next_run(
 ):
     import requests
 
-    from analysis.sender import Target, prepare_file
+    from client.sender import Target, prepare_file
+    from client.tus import encode_metadata
     from portal.cases.models import Slide
-    from portal.uploads.tus import encode_metadata
 
     token_env(portal.token)
     prepared = prepare_file(slide_20x, 5.0, portal.work_dir)

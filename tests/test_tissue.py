@@ -77,9 +77,9 @@ def test_blank_field_has_no_tissue():
     assert not tissue_mask_from_rgb(rgb).any()
 
 
-def test_cmu_mask_is_about_8_um_per_px_and_holds_tissue(cmu, cmu_mask):
-    assert cmu_mask.mpp == pytest.approx(8.0)
-    assert cmu_mask.l0_per_px == pytest.approx(8.0 / 0.499)
+def test_cmu_mask_is_about_16_um_per_px_and_holds_tissue(cmu, cmu_mask):
+    assert cmu_mask.mpp == pytest.approx(16.0)
+    assert cmu_mask.l0_per_px == pytest.approx(16.0 / 0.499)
     w, h = cmu.dimensions
     assert cmu_mask.mask.shape == (
         int(np.ceil(h / cmu_mask.l0_per_px)),
@@ -185,3 +185,57 @@ def test_overview_read_in_strips_matches_one_read(cmu):
     strips = slide_overview_rgb(cmu, 16.0, max_level_px_per_strip=200_000).astype(float)
     assert one.shape == strips.shape == (186, 139, 3)
     assert np.abs(one - strips).mean() < 2.0
+
+
+def test_fast_median_and_ink_passes_match_the_plain_formulas():
+    from scipy import ndimage
+
+    from analysis.tissue import TissueMaskConfig, _median3, ink_mask_from_rgb, rgb_to_hsv
+
+    rng = np.random.default_rng(3)
+    values = rng.random((41, 67)).astype(np.float32)
+    assert np.array_equal(_median3(values), ndimage.median_filter(values, 3, mode="nearest"))
+    rgb = rng.integers(0, 256, size=(64, 80, 3), dtype=np.uint8)
+    config = TissueMaskConfig(ink_margin_px=0)
+    hue, sat, val = rgb_to_hsv(rgb)  # the whole-image HSV the fast pass avoids
+    strong = sat >= config.ink_saturation
+    reference = (
+        (strong & (hue >= 185.0) & (hue < 238.0))
+        | (strong & (hue >= 65.0) & (hue < 185.0))
+        | (val < config.dark_value)
+    )
+    assert np.array_equal(ink_mask_from_rgb(rgb, config), reference)
+
+
+def test_a_16k_slide_is_masked_from_a_500_px_overview():
+    class Pyramid:  # the geometry of a 16000 x 16000 px 20x slide with a 4x pyramid
+        name, mpp, dimensions = "big.svs", 0.5, (16000, 16000)
+        level_downsamples = (1.0, 4.0, 16.0)
+        reads: list = []
+
+        def read_region_rgb(self, l0_xy, level, size):
+            self.reads.append((level, size))
+            return np.full((size[1], size[0], 3), 240, np.uint8)
+
+    slide = Pyramid()
+    mask = tissue_mask(slide)  # type: ignore[arg-type]
+    assert mask.mask.shape == (500, 500)
+    assert slide.reads == [(2, (1000, 1000))]  # the 1000 px level, read once
+
+
+def test_fast_morphology_matches_scipy():
+    from scipy import ndimage
+
+    from analysis.tissue import _dilate, _dilate_cross, _erode, _fill_holes
+
+    rng = np.random.default_rng(7)
+    mask = ndimage.binary_opening(rng.random((90, 70)) < 0.45)
+    square = np.ones((3, 3), bool)
+    assert np.array_equal(_dilate(mask, 2), ndimage.binary_dilation(mask, square, 2))
+    assert np.array_equal(_erode(mask, 2), ndimage.binary_erosion(mask, square, 2))
+    closed = ndimage.binary_closing(mask, square, iterations=2)
+    assert np.array_equal(_erode(_dilate(mask, 2), 2), closed)
+    opened = ndimage.binary_opening(mask, square, iterations=1)
+    assert np.array_equal(_dilate(_erode(mask, 1), 1), opened)
+    assert np.array_equal(_dilate_cross(mask, 1), ndimage.binary_dilation(mask, iterations=1))
+    assert np.array_equal(_fill_holes(mask), ndimage.binary_fill_holes(mask))

@@ -14,9 +14,9 @@ import requests
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from client.tus import encode_metadata
 from portal.cases.models import Case, Membership, Slide
 from portal.uploads.models import Upload
-from portal.uploads.tus import encode_metadata
 from tests.conftest import shared_slide
 
 TUS = {"HTTP_TUS_RESUMABLE": "1.0.0"}
@@ -29,15 +29,8 @@ CMU = "cmu-1-small-region.svs"
 
 
 @pytest.fixture(autouse=True)
-def storage(settings, tmp_path: Path) -> Path:
-    settings.UPLOAD_DIR = tmp_path / "uploads"
-    settings.SLIDE_DIR = tmp_path / "slides"
-    return tmp_path
-
-
-@pytest.fixture
-def lis_client(api_client_for, integration_a) -> APIClient:
-    return api_client_for(integration_a)
+def _own_storage(storage):
+    """Every test here stores slides and uploads in its own temporary folder."""
 
 
 def create_upload(client: APIClient, case: Case, name: str, length: int, **headers) -> str:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from analysis.mil.bag import as_bag, bag_output
 from analysis.mil.evidence import contrast
-from analysis.mil.gltrans import as_bag, bag_output
 
 
 @dataclass

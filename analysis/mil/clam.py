@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from analysis.mil.abmil import GatedAttention
+from analysis.mil.bag import as_bag, bag_output
 from analysis.mil.evidence import contrast
-from analysis.mil.gltrans import as_bag, bag_output
 
 
 @dataclass

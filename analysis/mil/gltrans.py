@@ -19,25 +19,17 @@ processed in chunks so peak memory stays linear in N.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from analysis.mil.bag import GlobalAttention, as_bag, bag_output
 from analysis.mil.evidence import contrast
 
-SMALL_BAG = 2048  # below this many tokens an N x N matrix is harmless: any SDPA kernel will do
-CHUNK_ELEMENTS = 1 << 25  # fallback: query chunk sized so one chunk's scores hold ~32M floats
 MAX_GRID_CELLS = 4_000_000  # 2000 x 2000 cells of 128 µm is 25 cm square: larger is not a slide
-LINEAR_MEMORY_KERNELS = [
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.CUDNN_ATTENTION,
-]
 
 
 @dataclass
@@ -61,89 +53,6 @@ class GLTransConfig:
             raise ValueError(
                 f"score_method must be 'attention' or 'contrast', not {self.score_method!r}"
             )
-
-
-# --- bag handling shared by every MIL model -------------------------------------------------
-
-
-def as_bag(features: Tensor, coords: Tensor | None) -> tuple[Tensor, Tensor | None, bool]:
-    """Accept (N, D) or (1, N, D) features; return (N, D), (N, 2) coords, had_batch_dim."""
-    batched = features.dim() == 3
-    if batched:
-        if features.shape[0] != 1:
-            raise ValueError(f"MIL models take one bag at a time, got batch {features.shape[0]}")
-        features = features[0]
-    if features.dim() != 2:
-        raise ValueError(f"features must be (N, D) or (1, N, D), got {tuple(features.shape)}")
-    if features.shape[0] == 0:
-        raise ValueError("a bag needs at least one instance")
-    if coords is not None:
-        if coords.dim() == 3:
-            coords = coords[0]
-        if coords.shape != (features.shape[0], 2):
-            raise ValueError(
-                f"coords must be (N, 2) grid (row, col) for {features.shape[0]} instances, "
-                f"got {tuple(coords.shape)}"
-            )
-    return features, coords, batched
-
-
-def bag_output(logits: Tensor, batched: bool) -> Tensor:
-    """(C,) logits, or (1, C) when the caller passed a leading batch dimension."""
-    return logits.unsqueeze(0) if batched else logits
-
-
-# --- attention --------------------------------------------------------------------------
-
-
-def linear_memory_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Softmax attention (B, H, L, hd) -> (B, H, L, hd) without an L x L matrix for big L."""
-    length = q.shape[-2]
-    if length <= SMALL_BAG:
-        return F.scaled_dot_product_attention(q, k, v)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with sdpa_kernel(LINEAR_MEMORY_KERNELS):
-                return F.scaled_dot_product_attention(q, k, v)
-    except RuntimeError:
-        return chunked_attention(q, k, v)
-
-
-def chunked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Math-path attention over query chunks: peak memory chunk x L instead of L x L."""
-    batch, heads, length, _ = q.shape
-    chunk = max(1, CHUNK_ELEMENTS // (batch * heads * k.shape[-2]))
-    parts = [
-        F.scaled_dot_product_attention(q[..., start : start + chunk, :], k, v)
-        for start in range(0, length, chunk)
-    ]
-    return torch.cat(parts, dim=-2)
-
-
-class GlobalAttention(nn.Module):
-    """Multi-head self-attention over CLS + instances; optionally the CLS attention row."""
-
-    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, cls_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        length, dim = x.shape  # (L, D), token 0 is CLS
-        head_dim = dim // self.n_heads
-        qkv = self.qkv(x).view(length, 3, self.n_heads, head_dim)
-        q, k, v = qkv.permute(1, 2, 0, 3).contiguous().unbind(0)  # each (H, L, hd)
-        out = linear_memory_attention(q[None], k[None], v[None])[0]  # (H, L, hd)
-        out = out.transpose(0, 1).reshape(length, dim)  # (L, D)
-        weights = None
-        if cls_weights:
-            # The CLS row alone, with an explicit softmax: (H, 1, L), cheap for any L.
-            scores = q[:, :1] @ k.transpose(-1, -2) * head_dim**-0.5
-            weights = scores.softmax(dim=-1)
-        return self.drop(self.proj(out)), weights
 
 
 # --- local branch on the true grid -------------------------------------------------------

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from analysis.mil.gltrans import GlobalAttention, as_bag, bag_output
+from analysis.mil.bag import GlobalAttention, as_bag, bag_output
 
 
 @dataclass

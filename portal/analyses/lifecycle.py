@@ -11,57 +11,13 @@ rollback restores the replaced model and is audited too.
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 from django.db import transaction
 from django.utils import timezone
 
 from portal.analyses.models import ModelActivation, ModelVersion, ShadowDeployment
+from portal.analyses.weights import ActivationError, weights_problem
 from portal.cases.models import Cohort
 from portal.reviews import audit
-
-
-class ActivationError(Exception):
-    """A model cannot be activated (or rolled back); the message says why and what to do."""
-
-
-def _weights_sha256(bundle: Path) -> str:
-    """SHA-256 over the bundle's ``*.safetensors`` in name order (as ``register_model``)."""
-    digest = hashlib.sha256()
-    for file in sorted(bundle.glob("*.safetensors")):
-        digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_problem(model: ModelVersion) -> str | None:
-    """Why ``model``'s weights cannot be trusted, or None when every check passes.
-
-    The bundle must exist, every weight file must match the checksum in its manifest, and the
-    version's recorded SHA-256 must be that of the weights (or of the manifest, which hashes
-    them), so a weights file swapped after registration is caught.
-    """
-    from analysis.bundle import bundle_sha256, verify_bundle
-    from analysis.errors import AnalysisError
-
-    if not model.sha256:
-        return "it has no recorded SHA-256 of its weights; register the bundle again"
-    bundle = Path(model.bundle_path or "-")
-    if not bundle.is_dir() or not list(bundle.glob("*.safetensors")):
-        return f"its weights are missing (no safetensors files in {bundle.name or 'its bundle'})"
-    try:
-        verify_bundle(bundle)
-    except AnalysisError as exc:
-        return f"its weights do not verify ({str(exc).split(': ', 1)[-1]})"
-    if model.sha256 not in (_weights_sha256(bundle), bundle_sha256(bundle)):
-        return (
-            "its weights' SHA-256 does not match the one recorded at registration "
-            "(the files were replaced); register the new weights as a new version"
-        )
-    return None
 
 
 def check_can_activate(model: ModelVersion, cohort: Cohort | None) -> None:
@@ -76,7 +32,7 @@ def check_can_activate(model: ModelVersion, cohort: Cohort | None) -> None:
 
 
 def _require_admin(actor) -> None:
-    from portal.api.permissions import is_admin
+    from portal.cases.access import is_admin
 
     if not is_admin(actor):
         raise PermissionError("Only admins can activate or roll back models.")

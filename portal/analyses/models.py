@@ -38,7 +38,7 @@ class ModelVersion(models.Model):
 
     def weights_problem(self) -> str | None:
         """Why this version's weights cannot be trusted, or None when they verify."""
-        from portal.analyses.lifecycle import weights_problem
+        from portal.analyses.weights import weights_problem
 
         return weights_problem(self)
 
@@ -50,7 +50,7 @@ class ModelVersion(models.Model):
 
     def save(self, *args, **kwargs):
         if self.active and (problem := self.weights_problem()):
-            from portal.analyses.lifecycle import ActivationError
+            from portal.analyses.weights import ActivationError
 
             raise ActivationError(f"{self} cannot be active: {problem}")
         super().save(*args, **kwargs)

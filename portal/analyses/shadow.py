@@ -32,7 +32,7 @@ def start_shadow(
     candidate: ModelVersion, cohort: Cohort, actor, min_signed: int = 10, request=None
 ) -> ShadowDeployment:
     from portal.analyses.lifecycle import weights_problem
-    from portal.api.permissions import is_admin
+    from portal.cases.access import is_admin
 
     if not is_admin(actor):
         raise PermissionError("Only admins can run models in shadow mode.")
@@ -74,7 +74,7 @@ def start_shadow(
 
 
 def stop_shadow(deployment: ShadowDeployment, actor, request=None) -> None:
-    from portal.api.permissions import is_admin
+    from portal.cases.access import is_admin
 
     if not is_admin(actor):
         raise PermissionError("Only admins can stop shadow mode.")

@@ -21,6 +21,7 @@ from analysis.errors import AnalysisError
 from portal.analyses import progress as live
 from portal.analyses.models import AnalysisJob, ModelVersion, Prediction
 from portal.core.dispatch import dispatch
+from portal.core.metrics import publish_worker_memory
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,16 @@ class TransientJobError(Exception):
 
 
 def _device() -> str:
-    try:
-        import torch
+    """The worker's torch device: ``LOWMAG_DEVICE``, else cuda when present (``analysis.devices``)."""
+    from django.conf import settings
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
+    from analysis.devices import resolve_device
+
+    return resolve_device(getattr(settings, "LOWMAG_DEVICE", "") or None)
 
 
 def loaded_bundle(model_version: ModelVersion):
+    """The model, loaded once per worker process on its device and warmed up, then kept."""
     from analysis.bundle import load_bundle
 
     with _bundles_lock:
@@ -53,8 +55,37 @@ def loaded_bundle(model_version: ModelVersion):
         if bundle is None:
             _configure_torch_threads()
             bundle = load_bundle(model_version.bundle_path, device=_device())
+            _warm_up(bundle)
             _bundles[model_version.sha256] = bundle
+            log.info("model %s loaded on %s", bundle.manifest.label, bundle.encoder.device)
         return bundle
+
+
+def preload_active_models() -> int:
+    """Load every model active in some cohort into this process (a gpu worker child at start,
+    with ``LOWMAG_PRELOAD_MODELS``), so the first slide does not wait for it. Returns how many
+    loaded; a model that fails to load is logged and left to fail its jobs with the reason."""
+    from django.db import close_old_connections
+
+    loaded = 0
+    try:
+        versions = list(ModelVersion.objects.filter(active_in_cohorts__isnull=False).distinct())
+    finally:
+        close_old_connections()
+    for version in versions:
+        try:
+            loaded_bundle(version)
+            loaded += 1
+        except Exception:  # noqa: BLE001 - its jobs report the reason
+            log.exception("preloading model %s failed", version)
+    publish_worker_memory()
+    return loaded
+
+
+def _warm_up(bundle) -> None:
+    """One tiny batch through the encoder, so the first slide does not pay for kernel setup."""
+    size = int(bundle.manifest.patch_size)
+    bundle.encoder.embed(np.full((2, size, size, 3), 220, np.uint8))
 
 
 def _configure_torch_threads() -> None:
@@ -179,7 +210,9 @@ def run_analysis(self, job_id: int) -> str:
     )
     try:
         bundle = loaded_bundle(job.model_version)
-        result = predict_slide(bundle, job.slide.path, progress=_ProgressReporter(job))
+        result = predict_slide(
+            bundle, job.slide.path, progress=_ProgressReporter(job), clusters=False
+        )
     except JobCancelled:
         _finish(job, state=AnalysisJob.State.CANCELLED, stage="cancelled")
         return AnalysisJob.State.CANCELLED
@@ -196,7 +229,21 @@ def run_analysis(self, job_id: int) -> str:
     )
     _case_after_job(job)
     _announce_prediction(job, prediction)
+    _store_clusters(job, prediction, result)  # a research layer: after the result is out
+    publish_worker_memory()
     return AnalysisJob.State.SUCCEEDED
+
+
+def _store_clusters(job: AnalysisJob, prediction: Prediction, result) -> None:
+    try:
+        clusters = result.compute_clusters()
+    except Exception:  # noqa: BLE001 - the prediction stands without its cluster map
+        log.exception("cluster map of job %s failed; the prediction stands without it", job.pk)
+        return
+    Prediction.objects.filter(pk=prediction.pk).update(
+        clusters=np.asarray(clusters, dtype=np.uint8).tobytes()
+    )
+    AnalysisJob.objects.filter(pk=job.pk).update(timings=result.timings)
 
 
 def _case_after_job(job: AnalysisJob) -> None:
@@ -206,10 +253,8 @@ def _case_after_job(job: AnalysisJob) -> None:
 
 
 def _announce_prediction(job: AnalysisJob, prediction: Prediction) -> None:
-    try:
-        from portal.integrations.webhooks import emit
-    except ImportError:
-        return
+    from portal.integrations.webhooks import emit
+
     case = job.slide.case
     emit(
         "prediction.ready",
@@ -234,38 +279,3 @@ def cancel_job(job: AnalysisJob) -> bool:
         return False
     live.job_update(job.pk, {"state": AnalysisJob.State.CANCELLED})
     return True
-
-
-@shared_task(acks_late=True, ignore_result=True)
-def pretile_slide(slide_id: int) -> int:
-    """Pre-render the slide's DeepZoom tiles (coarse levels first) into its folder."""
-    from portal.cases.models import Slide
-    from portal.viewer.tiles import pretile
-
-    slide = Slide.objects.filter(pk=slide_id, status=Slide.Status.READY).first()
-    if slide is None:
-        return 0
-    try:
-        return pretile(slide.path)
-    except Exception as exc:  # noqa: BLE001 - tiles then render on demand, as without it
-        log.warning("pre-rendering tiles of slide %s failed: %s", slide_id, exc)
-        return 0
-
-
-@shared_task(bind=True, acks_late=True, max_retries=3, retry_backoff=2)
-def ingest_and_analyse(self, slide_id: int) -> str:
-    """Ingest an uploaded slide; when it is ready, analyse it with its cohort's active model."""
-    from portal.cases.models import Slide
-    from portal.uploads.ingest import ingest_slide
-
-    slide = Slide.objects.select_related("case__cohort").get(pk=slide_id)
-    if slide.status == "ingesting":
-        slide = ingest_slide(slide)
-    live.worklist_update(slide.case)
-    if slide.status == "ready":
-        dispatch(pretile_slide, slide.pk)
-        request_analysis(slide)
-        from portal.analyses.shadow import request_shadow
-
-        request_shadow(slide)  # a candidate in shadow mode analyses it too, out of sight
-    return slide.status

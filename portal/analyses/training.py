@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def start_training(
     request=None,
 ) -> TrainingRun:
     """Validate the training set and queue the run; raises ``TrainingSetError`` on bad input."""
-    from portal.api.permissions import is_admin
+    from portal.cases.access import is_admin
 
     if not is_admin(actor):
         raise PermissionError("Only admins can train models.")
@@ -115,10 +116,18 @@ def start_training(
 
 
 class _Progress:
+    """Stage and progress onto the run row (read live through the API); seconds per stage."""
+
     def __init__(self, run: TrainingRun):
         self.run = run
+        self.timings: dict[str, float] = {}
+        self._stage, self._since = "", time.perf_counter()
 
     def __call__(self, stage: str, fraction: float) -> None:
+        now = time.perf_counter()
+        if stage != self._stage:
+            self._stage, self._since = stage, now
+        self.timings[stage] = round(now - self._since, 3)
         TrainingRun.objects.filter(pk=self.run.pk).update(stage=stage, progress=float(fraction))
 
     def within(self, stage: str):
@@ -276,7 +285,7 @@ def _train(run: TrainingRun, work: Path) -> ModelVersion:
         dict(options["mil_config"]),
         train_cfg,
         folds=int(options["folds"]),
-        out_dir=work / "crossval",
+        out_dir=None,  # the validation report below draws its own ROC
         classes=classes,
         n_bootstrap=int(options["bootstrap"]),
         split_seed=int(options["seed"]),
@@ -339,11 +348,12 @@ def _train(run: TrainingRun, work: Path) -> ModelVersion:
         "options": options,
         "training_run": run.pk,
     }
+    progress("report", 1.0)
+    report["timings"] = dict(progress.timings)
     report = _json_safe(report)
     (bundle_dir / "report" / "report.json").write_text(
         json.dumps(report, indent=2, default=str, allow_nan=False)
     )
-    progress("report", 1.0)
     return _register(bundle_dir, report, training_set, cohort)
 
 
@@ -372,8 +382,7 @@ def _case_list(training_set, result) -> list[dict[str, Any]]:
 
 
 def _register(bundle_dir: Path, report: dict, training_set, cohort: Cohort) -> ModelVersion:
-    from analysis.bundle import load_manifest
-    from portal.analyses.lifecycle import _weights_sha256
+    from analysis.bundle import load_manifest, weights_sha256
 
     manifest = load_manifest(bundle_dir)
     n_patients, n_slides = len(training_set.patients), len(training_set.cases)
@@ -398,7 +407,7 @@ def _register(bundle_dir: Path, report: dict, training_set, cohort: Cohort) -> M
         magnification=float(manifest.magnification),
         bundle_path=str(bundle_dir),
         manifest=json.loads(json.dumps(asdict(manifest), default=str)),
-        sha256=_weights_sha256(bundle_dir),
+        sha256=weights_sha256(bundle_dir),
         is_demo=manifest.is_demo,
         intended_use=(
             f"Assist the pathologists of cohort '{cohort.name}' with {manifest.task} on 5x "

@@ -83,7 +83,9 @@ class TrainingSet:
         return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
-def collect(cohort: Cohort, signed_from: date, signed_to: date) -> TrainingSet:
+def collect(
+    cohort: Cohort, signed_from: date, signed_to: date, *, check_files: bool = True
+) -> TrainingSet:
     """The cohort's signed cases in the range, validated; raises ``TrainingSetError``."""
     if signed_from > signed_to:
         raise TrainingSetError(
@@ -136,6 +138,8 @@ def collect(cohort: Cohort, signed_from: date, signed_to: date) -> TrainingSet:
         cohort.name, signed_from.isoformat(), signed_to.isoformat(), cases, excluded
     )
     validate(training_set)
+    if check_files:
+        check_files_present(training_set)
     return training_set
 
 
@@ -171,6 +175,10 @@ def validate(training_set: TrainingSet) -> None:
             f"{where} has {n_patients} patients; training and validating needs at least "
             f"{MIN_PATIENTS} (widen the date range)"
         )
+
+
+def check_files_present(training_set: TrainingSet) -> None:
+    """Every slide file is there with the size recorded at upload (the hash: ``verify_files``)."""
     for c in training_set.cases:
         path = Path(c.slide_path)
         if not path.exists():
@@ -191,7 +199,7 @@ def _changed(c: TrainingCase) -> str:
 
 
 def _sha256(path: Path) -> str:
-    from analysis.bundle import sha256_file
+    from analysis.files import sha256_file
 
     if path.is_file():
         return sha256_file(path)

@@ -12,6 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from portal.core.middleware import busy_response, is_database_busy
+from portal.reviews import signing
 from portal.reviews.models import ImmutableRowError
 
 log = logging.getLogger(__name__)
@@ -23,29 +24,27 @@ class PreconditionFailed(APIException):
     default_code = "precondition_failed"
 
 
-class PreconditionRequired(APIException):
-    status_code = status.HTTP_428_PRECONDITION_REQUIRED
-    default_detail = (
-        "Send the row_version you read, as an If-Match header or a row_version field, "
-        "so a concurrent change is not overwritten."
-    )
-    default_code = "precondition_required"
-
-
 class Conflict(APIException):
     status_code = status.HTTP_409_CONFLICT
     default_detail = "The request conflicts with the current state of the object."
     default_code = "conflict"
 
 
-class NotImplementedHere(APIException):
-    status_code = status.HTTP_501_NOT_IMPLEMENTED
-    default_detail = "This feature is not installed on this server."
-    default_code = "not_implemented"
+DIAGNOSIS_RULES = {  # the status code of each refusal of portal.reviews.signing
+    signing.DiagnosisConflict: status.HTTP_409_CONFLICT,
+    signing.NotAllowed: status.HTTP_403_FORBIDDEN,
+    signing.StaleRowVersion: status.HTTP_412_PRECONDITION_FAILED,
+    signing.RowVersionRequired: status.HTTP_428_PRECONDITION_REQUIRED,
+    signing.InvalidInput: status.HTTP_400_BAD_REQUEST,
+}
 
 
 def exception_handler(exc, context):
-    """DRF's handler, plus model-level refusals mapped to 4xx instead of 500."""
+    """DRF's handler, plus domain and model-level refusals mapped to 4xx instead of 500."""
+    if isinstance(exc, signing.DiagnosisRuleError):
+        if isinstance(exc, signing.InvalidInput):
+            return Response({exc.field: str(exc)}, status=status.HTTP_400_BAD_REQUEST)
+        return Response({"detail": str(exc)}, status=DIAGNOSIS_RULES[type(exc)])
     if isinstance(exc, ImmutableRowError):
         return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
     if isinstance(exc, IntegrityError):

@@ -16,7 +16,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.routers import DefaultRouter
 
-from portal.analyses import api as lifecycle_api
+from portal.api import lifecycle as lifecycle_api
 from portal.api import views
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from django.contrib.auth import authenticate, login, logout
 from django.db import transaction
-from django.db.models import Max
 from django.middleware.csrf import get_token
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import (
@@ -29,9 +28,7 @@ from portal.analyses.models import AnalysisJob, ModelVersion, Prediction
 from portal.api import serializers as s
 from portal.api.exceptions import (
     Conflict,
-    NotImplementedHere,
     PreconditionFailed,
-    PreconditionRequired,
 )
 from portal.api.filters import QueryParamFilter
 from portal.api.models import ApiToken
@@ -150,7 +147,6 @@ class CaseViewSet(viewsets.ModelViewSet):
         responses={
             200: OpenApiResponse(description="FHIR R4 DiagnosticReport (JSON)"),
             409: DETAIL,
-            501: DETAIL,
         }
     )
     @action(detail=True, methods=["get"], url_path="fhir")
@@ -159,10 +155,8 @@ class CaseViewSet(viewsets.ModelViewSet):
         case = self.get_object()
         if not case.diagnoses.filter(status=Diagnosis.SIGNED).exists():
             raise Conflict("Only signed cases have a diagnostic report; sign the diagnosis first.")
-        try:
-            from portal.integrations.fhir import diagnostic_report
-        except ImportError as exc:
-            raise NotImplementedHere("FHIR export is not installed on this server.") from exc
+        from portal.integrations.fhir import diagnostic_report
+
         report = diagnostic_report(case)
         audit.record(request.user, "fhir.export", case, request=request)
         return Response(report)
@@ -468,26 +462,15 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
     def perform_create(self, serializer):
         case = serializer.validated_data["case"]
         require_role(self.request.user, case.cohort_id, self.write_roles, "write diagnoses")
-        existing = Diagnosis.objects.filter(case=case)
-        if existing.filter(status=Diagnosis.SIGNED).exists():
-            raise Conflict("This case is signed; amend its latest diagnosis instead.")
-        draft = existing.filter(status=Diagnosis.DRAFT).first()
-        if draft is not None:
-            raise Conflict(f"This case already has a draft diagnosis ({draft.pk}); edit that one.")
-        serializer.save(author=self.request.user, version=1, row_version=1)
-        case.start_review()
+        serializer.instance = signing.do_create_draft(
+            case, self.request.user, serializer.validated_data
+        )
 
     def create(self, request, *args, **kwargs):
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         self.perform_create(serializer)
         return self._respond(serializer.instance, status.HTTP_201_CREATED)
-
-    def _check_draft_editable(self, diagnosis: Diagnosis) -> None:
-        if diagnosis.is_signed:
-            raise Conflict("A signed diagnosis cannot be changed; amend it with a reason.")
-        if diagnosis.author_id != self.request.user.pk and not is_admin(self.request.user):
-            raise PermissionDenied("Only the draft's author (or an admin) can change it.")
 
     @extend_schema(
         parameters=[OpenApiParameter("If-Match", str, OpenApiParameter.HEADER, required=False)],
@@ -496,21 +479,12 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
     def update(self, request, *args, **kwargs):
         partial = kwargs.pop("partial", False)
         with transaction.atomic():
-            diagnosis = self.get_object()
-            diagnosis = Diagnosis.objects.select_for_update().get(pk=diagnosis.pk)
-            self._check_draft_editable(diagnosis)
-            expected = _expected_version(request)
-            if expected is None:
-                raise PreconditionRequired()
-            if expected != diagnosis.row_version:
-                raise PreconditionFailed(
-                    f"Diagnosis {diagnosis.pk} is at row_version {diagnosis.row_version}, you sent "
-                    f"{expected}: someone changed it since you read it. Reload and apply again."
-                )
+            diagnosis = self._locked(self.get_object())
+            signing.check_draft_editable(diagnosis, request.user)
+            signing.check_row_version(diagnosis, _expected_version(request))
             serializer = self.get_serializer(diagnosis, data=request.data, partial=partial)
             serializer.is_valid(raise_exception=True)
-            serializer.validated_data.pop("row_version", None)
-            diagnosis = serializer.save(row_version=diagnosis.row_version + 1)
+            diagnosis = signing.do_edit_draft(diagnosis, serializer.validated_data)
         return self._respond(diagnosis)
 
     @extend_schema(
@@ -521,12 +495,12 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
         return self.update(request, *args, partial=True, **kwargs)
 
     def perform_destroy(self, diagnosis):
-        self._check_draft_editable(diagnosis)
+        signing.check_draft_editable(diagnosis, self.request.user)
         diagnosis.delete()
 
-    def _check_password(self, password: str) -> None:
-        if not self.request.user.check_password(password):
-            raise PermissionDenied("The password is not correct; signing needs your own password.")
+    @staticmethod
+    def _locked(diagnosis: Diagnosis) -> Diagnosis:
+        return Diagnosis.objects.select_for_update().get(pk=diagnosis.pk)
 
     @extend_schema(
         request=s.SignSerializer,
@@ -538,19 +512,11 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
         body = s.SignSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         with transaction.atomic():
-            diagnosis = self.get_object()
-            diagnosis = Diagnosis.objects.select_for_update().get(pk=diagnosis.pk)
+            diagnosis = self._locked(self.get_object())
             require_role(request.user, diagnosis.case.cohort_id, self.write_roles, "sign diagnoses")
-            if diagnosis.is_signed:
-                raise Conflict("This diagnosis is already signed.")
-            self._check_password(body.validated_data["password"])
-            expected = _expected_version(request)
-            if expected is not None and expected != diagnosis.row_version:
-                raise PreconditionFailed(
-                    f"Diagnosis {diagnosis.pk} changed since you read it (row_version "
-                    f"{diagnosis.row_version}, not {expected}); review it before signing."
-                )
-            signing.sign(diagnosis, request.user, request=request)
+            signing.check_signable(diagnosis, request.user, body.validated_data["password"])
+            signing.check_unchanged_since_read(diagnosis, _expected_version(request))
+            signing.do_sign(diagnosis, request.user, request=request)
         return self._respond(diagnosis)
 
     @extend_schema(
@@ -562,23 +528,14 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
         """Amend a signed diagnosis: a new signed version with your reason, linked to this one."""
         body = s.AmendSerializer(data=request.data)
         body.is_valid(raise_exception=True)
+        content = dict(body.validated_data)
         with transaction.atomic():
             previous = self.get_object()
             require_role(request.user, previous.case.cohort_id, self.write_roles, "amend diagnoses")
-            if not previous.is_signed:
-                raise Conflict("Only a signed diagnosis can be amended; edit the draft instead.")
-            latest = Diagnosis.objects.filter(case=previous.case_id).aggregate(v=Max("version"))[
-                "v"
-            ]
-            if previous.version != latest:
-                raise Conflict(f"Version {previous.version} is superseded; amend version {latest}.")
-            self._check_password(body.validated_data.pop("password"))
-            reason = body.validated_data.pop("reason").strip()
-            if not reason:
-                raise ValidationError({"reason": "An amendment needs a reason."})
-            amendment = signing.amend(
-                previous, request.user, reason, body.validated_data, request=request
+            reason = signing.check_amendable(
+                previous, request.user, content.pop("password"), content.pop("reason")
             )
+            amendment = signing.do_amend(previous, request.user, reason, content, request=request)
         return self._respond(amendment, status.HTTP_201_CREATED)
 
 

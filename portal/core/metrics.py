@@ -4,7 +4,11 @@
 - ``lowmag_analysis_job_duration_seconds{state}``: histogram of finished jobs' run time
   (``started_at`` -> ``finished_at``), aggregated by the database at scrape time;
 - ``lowmag_tile_seconds{kind}``: tile render latency in this process, fed by
-  :func:`observe_tile` (each web process keeps its own; Prometheus sums over targets).
+  :func:`observe_tile` (each web process keeps its own; Prometheus sums over targets);
+- ``lowmag_gpu_present{worker}`` and ``lowmag_gpu_memory_bytes{worker,kind}``: the GPU memory
+  of each analysis worker process (allocated, reserved, peak, total; 0 and absent on a CPU
+  worker), published by the worker after each job (:func:`publish_worker_memory`) through
+  Redis (or this process when there is no Redis); ``lowmag_gpu_workers`` counts them.
 
 Access: ``Authorization: Bearer $METRICS_TOKEN`` when ``METRICS_TOKEN`` is set, otherwise
 loopback clients only.
@@ -13,9 +17,13 @@ loopback clients only.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import math
+import os
+import socket
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 
@@ -155,6 +163,82 @@ def _database_lines() -> Iterable[str]:
     return lines
 
 
+GPU_REDIS_KEY = "lowmag:metrics:gpu"
+GPU_STALE_S = 900  # a worker silent for this long is left out (it restarted or went away)
+GPU_KINDS = ("allocated", "reserved", "peak", "total")
+_local_gpu: dict[str, str] = {}  # worker -> JSON, when there is no Redis (thread/sync tasks)
+
+
+def _redis():
+    url = getattr(settings, "REDIS_URL", "")
+    if not url:
+        return None
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def publish_worker_memory(worker: str | None = None) -> None:
+    """Record this process's GPU memory (zeros and absent on a CPU) for ``/metrics``."""
+    from analysis.devices import accelerator_memory
+
+    worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+    payload = json.dumps({**accelerator_memory(), "at": time.time()})
+    try:
+        client = _redis()
+        if client is None:
+            _local_gpu[worker] = payload
+        else:
+            client.hset(GPU_REDIS_KEY, worker, payload)
+    except Exception as exc:  # noqa: BLE001 - metrics never fail a job
+        log.warning("metrics: could not publish GPU memory: %s", exc)
+
+
+def worker_memory() -> dict[str, dict]:
+    """Worker -> its last published GPU memory, leaving out stale workers."""
+    client = _redis()
+    raw = dict(_local_gpu) if client is None else client.hgetall(GPU_REDIS_KEY)
+    now, out = time.time(), {}
+    for worker, payload in raw.items():
+        name = worker.decode() if isinstance(worker, bytes) else str(worker)
+        try:
+            entry = json.loads(payload)
+        except (TypeError, ValueError):
+            continue
+        if now - float(entry.get("at", 0)) <= GPU_STALE_S:
+            out[name] = entry
+    return out
+
+
+def _gpu_lines() -> list[str]:
+    try:
+        workers = worker_memory()
+    except Exception as exc:  # noqa: BLE001 - a scrape reports what it can
+        log.warning("metrics: GPU memory unavailable: %s", exc)
+        workers = {}
+    lines = [
+        "# HELP lowmag_gpu_workers Analysis worker processes that reported their GPU memory.",
+        "# TYPE lowmag_gpu_workers gauge",
+        f"lowmag_gpu_workers {len(workers)}",
+        "# HELP lowmag_gpu_present 1 when the worker process runs its models on a GPU.",
+        "# TYPE lowmag_gpu_present gauge",
+    ]
+    for worker in sorted(workers):
+        present = 1 if workers[worker].get("present") else 0
+        lines.append(f'lowmag_gpu_present{{worker="{_escape(worker)}"}} {present}')
+    lines += [
+        "# HELP lowmag_gpu_memory_bytes GPU memory of each analysis worker process.",
+        "# TYPE lowmag_gpu_memory_bytes gauge",
+    ]
+    for worker in sorted(workers):
+        for kind in GPU_KINDS:
+            value = int(workers[worker].get(f"{kind}_bytes", 0) or 0)
+            lines.append(
+                f'lowmag_gpu_memory_bytes{{worker="{_escape(worker)}",kind="{kind}"}} {value}'
+            )
+    return lines
+
+
 def render_metrics() -> str:
     lines = list(_database_lines())
     lines += histogram_lines(
@@ -164,6 +248,7 @@ def render_metrics() -> str:
         TILE_BUCKETS_S,
         _tile_latency.snapshot(),
     )
+    lines += _gpu_lines()
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,10 @@
-"""Signing and amending diagnoses, and routing AI disagreements to a second opinion."""
+"""The diagnosis rules: one draft per case, row versions, signing, amendments, supersession,
+and routing AI disagreements to a second opinion.
+
+``check_*`` functions refuse with a ``DiagnosisRuleError`` (nothing changed); ``do_*`` functions
+make the change. The API maps each error class to its status code (``portal.api.exceptions``)
+and keeps only serialisation; any other caller gets the same rules.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,150 @@ from django.db.models import Max
 from django.utils import timezone
 
 from portal.analyses.calls import call_of, latest_predictions
+from portal.cases.access import is_admin
 from portal.cases.models import Case
 from portal.reviews import audit
 from portal.reviews.models import Diagnosis, SecondOpinionRequest
 
 log = logging.getLogger(__name__)
+
+CONTENT = ("call", "diagnosis_text", "free_text")  # what an author writes
+
+
+class DiagnosisRuleError(Exception):
+    """A diagnosis rule refused the change; the message says what to do instead."""
+
+
+class DiagnosisConflict(DiagnosisRuleError):
+    """The diagnosis is not in a state that allows this (409)."""
+
+
+class NotAllowed(DiagnosisRuleError):
+    """The user may see the diagnosis but not do this to it (403)."""
+
+
+class StaleRowVersion(DiagnosisRuleError):
+    """The row changed since the client read it (412)."""
+
+
+class RowVersionRequired(DiagnosisRuleError):
+    """The change needs the row version the client read (428)."""
+
+    def __init__(self):
+        super().__init__(
+            "Send the row_version you read, as an If-Match header or a row_version field, "
+            "so a concurrent change is not overwritten."
+        )
+
+
+class InvalidInput(DiagnosisRuleError):
+    """A field's value breaks a rule (400, keyed by the field)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def check_new_draft(case: Case) -> None:
+    """A case has at most one draft, and none once it is signed."""
+    existing = Diagnosis.objects.filter(case=case)
+    if existing.filter(status=Diagnosis.SIGNED).exists():
+        raise DiagnosisConflict("This case is signed; amend its latest diagnosis instead.")
+    draft = existing.filter(status=Diagnosis.DRAFT).first()
+    if draft is not None:
+        raise DiagnosisConflict(
+            f"This case already has a draft diagnosis ({draft.pk}); edit that one."
+        )
+
+
+def check_draft_editable(diagnosis: Diagnosis, user) -> None:
+    """Only an unsigned draft changes, and only by its author (or an admin)."""
+    if diagnosis.is_signed:
+        raise DiagnosisConflict("A signed diagnosis cannot be changed; amend it with a reason.")
+    if diagnosis.author_id != user.pk and not is_admin(user):
+        raise NotAllowed("Only the draft's author (or an admin) can change it.")
+
+
+def check_row_version(diagnosis: Diagnosis, expected: int | None) -> None:
+    """An edit names the row version it was made on; a stale one is refused."""
+    if expected is None:
+        raise RowVersionRequired()
+    if expected != diagnosis.row_version:
+        raise StaleRowVersion(
+            f"Diagnosis {diagnosis.pk} is at row_version {diagnosis.row_version}, you sent "
+            f"{expected}: someone changed it since you read it. Reload and apply again."
+        )
+
+
+def check_password(user, password: str) -> None:
+    if not user.check_password(password):
+        raise NotAllowed("The password is not correct; signing needs your own password.")
+
+
+def check_signable(diagnosis: Diagnosis, user, password: str) -> None:
+    """Only a draft is signed, with the signer's own password."""
+    if diagnosis.is_signed:
+        raise DiagnosisConflict("This diagnosis is already signed.")
+    check_password(user, password)
+
+
+def check_unchanged_since_read(diagnosis: Diagnosis, expected: int | None) -> None:
+    """Signing what the signer read: a row version, when sent, must be the current one."""
+    if expected is not None and expected != diagnosis.row_version:
+        raise StaleRowVersion(
+            f"Diagnosis {diagnosis.pk} changed since you read it (row_version "
+            f"{diagnosis.row_version}, not {expected}); review it before signing."
+        )
+
+
+def latest_version(case_id: int) -> int:
+    return Diagnosis.objects.filter(case=case_id).aggregate(v=Max("version"))["v"] or 0
+
+
+def check_amendable(previous: Diagnosis, user, password: str, reason: str) -> str:
+    """Only the latest signed version is amended, with a reason; returns the reason, trimmed."""
+    if not previous.is_signed:
+        raise DiagnosisConflict("Only a signed diagnosis can be amended; edit the draft instead.")
+    latest = latest_version(previous.case_id)
+    if previous.version != latest:
+        raise DiagnosisConflict(
+            f"Version {previous.version} is superseded; amend version {latest}."
+        )
+    check_password(user, password)
+    reason = reason.strip()
+    if not reason:
+        raise InvalidInput("reason", "An amendment needs a reason.")
+    return reason
+
+
+# -- changes -----------------------------------------------------------------------------------
+
+
+def do_create_draft(case: Case, author, content: dict) -> Diagnosis:
+    """The case's first draft (version 1); the case moves into review."""
+    check_new_draft(case)
+    diagnosis = Diagnosis.objects.create(
+        case=case,
+        author=author,
+        version=1,
+        row_version=1,
+        **{k: v for k, v in content.items() if k in CONTENT},
+    )
+    case.start_review()
+    return diagnosis
+
+
+def do_edit_draft(diagnosis: Diagnosis, content: dict) -> Diagnosis:
+    """Apply an author's changes to a draft and bump its row version."""
+    for field in CONTENT:
+        if field in content:
+            setattr(diagnosis, field, content[field])
+    diagnosis.row_version += 1
+    diagnosis.save()
+    return diagnosis
 
 
 def ai_suggestion(case: Case) -> dict | None:
@@ -113,10 +258,8 @@ def _route_disagreement(diagnosis: Diagnosis, request) -> SecondOpinionRequest |
 
 
 def _emit(event: str, diagnosis: Diagnosis) -> None:
-    try:
-        from portal.integrations.webhooks import emit
-    except ImportError:
-        return
+    from portal.integrations.webhooks import emit
+
     case = diagnosis.case
     payload = {
         "case": case.pk,
@@ -143,7 +286,7 @@ def _seal(diagnosis: Diagnosis, signer) -> None:
 
 
 @transaction.atomic
-def sign(diagnosis: Diagnosis, signer, request=None) -> Diagnosis:
+def do_sign(diagnosis: Diagnosis, signer, request=None) -> Diagnosis:
     """Seal a draft: snapshot the AI suggestion, hash the content, audit, notify."""
     _seal(diagnosis, signer)
     audit.record(
@@ -155,11 +298,9 @@ def sign(diagnosis: Diagnosis, signer, request=None) -> Diagnosis:
 
 
 @transaction.atomic
-def amend(previous: Diagnosis, author, reason: str, content: dict, request=None) -> Diagnosis:
+def do_amend(previous: Diagnosis, author, reason: str, content: dict, request=None) -> Diagnosis:
     """A new signed version linked to ``previous``; ``content`` overrides its call and texts."""
-    next_version = (
-        Diagnosis.objects.filter(case=previous.case_id).aggregate(v=Max("version"))["v"] or 0
-    ) + 1
+    next_version = latest_version(previous.case_id) + 1
     amendment = Diagnosis(
         case=previous.case,
         version=next_version,
@@ -183,3 +324,7 @@ def amend(previous: Diagnosis, author, reason: str, content: dict, request=None)
     _route_disagreement(amendment, request)
     _emit("diagnosis.amended", amendment)
     return amendment
+
+
+sign = do_sign  # the names callers used before the check_/do_ split
+amend = do_amend

@@ -13,7 +13,6 @@ with a reason the uploader can act on. It never deletes anything.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
@@ -23,24 +22,25 @@ from pathlib import Path
 from django.conf import settings
 
 from analysis.errors import AnalysisError
+from analysis.files import sha256_file
 from analysis.slides import Slide as SlideImage
 from analysis.slides import open_slide
 from analysis.tissue import tissue_mask
 from portal.cases.models import Slide
+from portal.cases.signals import slide_ready
 from portal.reviews import audit
 from portal.uploads.archive import UnsafeArchiveError, extract_slide_archive
 from portal.uploads.models import Upload
 
 logger = logging.getLogger(__name__)
 
-HASH_CHUNK_BYTES = 4 * 1024 * 1024
 THUMBNAIL_SIZE = (1024, 1024)
 ASSET_NAMES = ("label", "macro", "thumbnail")
 
 
 def on_upload_complete(upload: Upload) -> Slide:
     """Turn a fully received upload into a slide (new, or the existing duplicate)."""
-    upload.sha256 = sha256_of(upload.data_path)
+    upload.sha256 = sha256_file(upload.data_path)
     upload.completed = True
     duplicate = _ready_duplicate(upload)
     if duplicate is not None:
@@ -58,12 +58,31 @@ def on_upload_complete(upload: Upload) -> Slide:
         shutil.rmtree(slide_folder(slide), ignore_errors=True)
     _audit(upload, slide)
     if slide.is_ready:
-        from portal.analyses.tasks import pretile_slide, request_analysis
-        from portal.core.dispatch import dispatch
-
-        dispatch(pretile_slide, slide.pk)  # tiles ready before the pathologist opens the case
-        request_analysis(slide)  # queued after commit, with the cohort's active model
+        _queue_work(slide)
     return slide
+
+
+def ingest_and_analyse(slide_id: int) -> str:
+    """Ingest a stored slide record; once it is ready, queue its analyses. Returns its status."""
+    from portal.analyses import progress
+
+    slide = Slide.objects.select_related("case__cohort").get(pk=slide_id)
+    if slide.status == Slide.Status.INGESTING:
+        slide = ingest_slide(slide)
+    progress.worklist_update(slide.case)
+    if slide.is_ready:
+        _queue_work(slide)
+    return slide.status
+
+
+def _queue_work(slide: Slide) -> None:
+    """A slide became ready: tiles, the active model's analysis and any shadow candidate's."""
+    from portal.analyses.shadow import request_shadow
+    from portal.analyses.tasks import request_analysis
+
+    slide_ready.send(sender=Slide, slide=slide)  # the viewer pre-renders its tiles
+    request_analysis(slide)  # queued after commit, with the cohort's active model
+    request_shadow(slide)  # a candidate in shadow mode analyses it too, out of sight
 
 
 def ingest_slide(slide: Slide) -> Slide:
@@ -91,14 +110,6 @@ def ingest_slide(slide: Slide) -> Slide:
 def slide_folder(slide: Slide) -> Path:
     """The slide's own folder, ``<SLIDE_DIR>/<slide id>``."""
     return Path(settings.SLIDE_DIR) / str(slide.pk)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def max_unzipped_bytes() -> int:

@@ -30,9 +30,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from client import tus
 from portal.cases.access import INTEGRATION, PATHOLOGIST, visible
 from portal.cases.models import Case, Cohort, Slide
-from portal.uploads import tus
 from portal.uploads.ingest import on_upload_complete
 from portal.uploads.models import Upload
 
@@ -99,7 +99,7 @@ def _as_id(text: str) -> int | None:
 # -- the tus views -----------------------------------------------------------------------------
 
 TUS_RESUMABLE = OpenApiParameter(
-    "Tus-Resumable", str, OpenApiParameter.HEADER, required=True, enum=[tus.TUS_VERSION]
+    tus.RESUMABLE, str, OpenApiParameter.HEADER, required=True, enum=[tus.TUS_VERSION]
 )
 BINARY_BODY = {tus.OFFSET_CONTENT_TYPE: OpenApiTypes.BINARY}
 
@@ -123,7 +123,7 @@ class TusView(APIView):
 
     def initial(self, request: Request, *args, **kwargs) -> None:
         if request.method != "OPTIONS":
-            version = request.headers.get("Tus-Resumable")
+            version = request.headers.get(tus.RESUMABLE)
             if version != tus.TUS_VERSION:
                 raise tus.TusError(
                     412, f"Tus-Resumable must be {tus.TUS_VERSION} (got {version or 'nothing'})"
@@ -137,17 +137,17 @@ class TusView(APIView):
 
     def finalize_response(self, request, response, *args, **kwargs):
         response = super().finalize_response(request, response, *args, **kwargs)
-        response["Tus-Resumable"] = tus.TUS_VERSION
+        response[tus.RESUMABLE] = tus.TUS_VERSION
         if response.status_code == 412:
-            response["Tus-Version"] = tus.TUS_VERSION
+            response[tus.VERSION] = tus.TUS_VERSION
         return response
 
     def options(self, request: Request, *args, **kwargs) -> HttpResponse:
         response = HttpResponse(status=204)
-        response["Tus-Version"] = tus.TUS_VERSION
-        response["Tus-Extension"] = tus.TUS_EXTENSIONS
-        response["Tus-Checksum-Algorithm"] = tus.CHECKSUM_ALGORITHMS
-        response["Tus-Max-Size"] = str(settings.LOWMAG_MAX_UPLOAD_BYTES)
+        response[tus.VERSION] = tus.TUS_VERSION
+        response[tus.EXTENSION] = tus.TUS_EXTENSIONS
+        response[tus.CHECKSUM_ALGORITHM] = tus.CHECKSUM_ALGORITHMS
+        response[tus.MAX_SIZE] = str(settings.LOWMAG_MAX_UPLOAD_BYTES)
         return response
 
 
@@ -158,9 +158,9 @@ class UploadCollectionView(TusView):
         summary="Create an upload (tus creation, creation-with-upload)",
         parameters=[
             TUS_RESUMABLE,
-            _header("Upload-Length", "Size of the whole file in bytes.", required=True),
+            _header(tus.UPLOAD_LENGTH, "Size of the whole file in bytes.", required=True),
             _header(
-                "Upload-Metadata",
+                tus.UPLOAD_METADATA,
                 "Comma-separated 'key base64(value)' pairs: filename (required), case "
                 "(case id, or accession number together with cohort), cohort (slug or id).",
                 required=True,
@@ -174,13 +174,13 @@ class UploadCollectionView(TusView):
         },
     )
     def post(self, request: Request) -> HttpResponse:
-        if "Upload-Defer-Length" in request.headers:
+        if tus.UPLOAD_DEFER_LENGTH in request.headers:
             raise tus.TusError(400, "Upload-Defer-Length is not supported; send Upload-Length")
-        length = tus.parse_non_negative("Upload-Length", request.headers.get("Upload-Length"))
+        length = tus.parse_non_negative(tus.UPLOAD_LENGTH, request.headers.get(tus.UPLOAD_LENGTH))
         _refuse_too_large(length)
         if length == 0:
             raise tus.TusError(400, "Upload-Length is 0: an empty file is not a slide")
-        metadata = tus.parse_metadata(request.headers.get("Upload-Metadata", ""))
+        metadata = tus.parse_metadata(request.headers.get(tus.UPLOAD_METADATA, ""))
         upload = _create_upload(request, metadata, length)
         response = HttpResponse(status=201)
         response["Location"] = request.build_absolute_uri(
@@ -199,9 +199,9 @@ class UploadView(TusView):
     def head(self, request: Request, upload_id) -> HttpResponse:
         upload = _own_upload(request, upload_id)
         response = HttpResponse(status=200)
-        response["Upload-Offset"] = str(upload.offset)
-        response["Upload-Length"] = str(upload.length)
-        response["Upload-Metadata"] = tus.encode_metadata(upload.metadata)
+        response[tus.UPLOAD_OFFSET] = str(upload.offset)
+        response[tus.UPLOAD_LENGTH] = str(upload.length)
+        response[tus.UPLOAD_METADATA] = tus.encode_metadata(upload.metadata)
         response["Cache-Control"] = "no-store"
         return response
 
@@ -209,8 +209,8 @@ class UploadView(TusView):
         summary="Append bytes at Upload-Offset (tus core, checksum)",
         parameters=[
             TUS_RESUMABLE,
-            _header("Upload-Offset", "Must equal the server's offset (HEAD).", required=True),
-            _header("Upload-Checksum", "Optional 'sha256 <base64 digest>' of this chunk."),
+            _header(tus.UPLOAD_OFFSET, "Must equal the server's offset (HEAD).", required=True),
+            _header(tus.UPLOAD_CHECKSUM, "Optional 'sha256 <base64 digest>' of this chunk."),
         ],
         request=BINARY_BODY,
         responses={
@@ -225,8 +225,8 @@ class UploadView(TusView):
     )
     def patch(self, request: Request, upload_id) -> HttpResponse:
         _check_content_type(request)
-        start = tus.parse_non_negative("Upload-Offset", request.headers.get("Upload-Offset"))
-        checksum = tus.parse_checksum(request.headers.get("Upload-Checksum"))
+        start = tus.parse_non_negative(tus.UPLOAD_OFFSET, request.headers.get(tus.UPLOAD_OFFSET))
+        checksum = tus.parse_checksum(request.headers.get(tus.UPLOAD_CHECKSUM))
         upload = _own_upload(request, upload_id)
         return _receive(request, upload, start, checksum, HttpResponse(status=204))
 
@@ -405,20 +405,20 @@ def _verified(digest, checksum: bytes | None, received: int, body_length: int) -
 
 
 def _with_offset(response: HttpResponse, upload: Upload) -> HttpResponse:
-    response["Upload-Offset"] = str(upload.offset)
+    response[tus.UPLOAD_OFFSET] = str(upload.offset)
     if upload.completed and upload.slide_id is not None:
         _add_slide_headers(response, upload, upload.slide)
     return response
 
 
 def _add_slide_headers(response: HttpResponse, upload: Upload, slide: Slide) -> None:
-    response["Upload-Slide-Id"] = str(slide.pk)
-    response["Upload-Slide-Status"] = slide.status
-    response["Upload-Status-Url"] = reverse("uploads:status", kwargs={"upload_id": upload.id})
+    response[tus.SLIDE_ID] = str(slide.pk)
+    response[tus.SLIDE_STATUS] = slide.status
+    response[tus.STATUS_URL] = reverse("uploads:status", kwargs={"upload_id": upload.id})
     if upload.duplicate:
-        response["Upload-Duplicate"] = "true"
+        response[tus.DUPLICATE] = "true"
     if slide.failure_reason:
-        response["Upload-Slide-Reason"] = _header_text(slide.failure_reason)
+        response[tus.SLIDE_REASON] = _header_text(slide.failure_reason)
 
 
 def _header_text(text: str, limit: int = 1000) -> str:

@@ -8,7 +8,6 @@ checksums its weight files, copies the bundle under ``settings.BUNDLE_DIR`` and 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import shutil
@@ -18,19 +17,16 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
+from analysis.bundle import weights_sha256 as bundle_weights_sha256
 from portal.analyses.models import ModelVersion
 from portal.cases.models import Cohort
-
-REQUIRED = ("name", "version", "task", "classes", "magnification")
 
 
 def read_manifest(bundle: Path) -> dict:
     """The manifest as a dict, validated; raises CommandError saying what is wrong."""
-    try:
-        from analysis.bundle import load_manifest
-        from analysis.errors import AnalysisError
-    except ImportError:
-        return _read_manifest_json(bundle)
+    from analysis.bundle import load_manifest
+    from analysis.errors import AnalysisError
+
     try:
         manifest = load_manifest(bundle)
     except AnalysisError as exc:
@@ -38,39 +34,11 @@ def read_manifest(bundle: Path) -> dict:
     return dataclasses.asdict(manifest) if dataclasses.is_dataclass(manifest) else dict(manifest)
 
 
-def _read_manifest_json(bundle: Path) -> dict:
-    path = bundle / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except OSError as exc:
-        raise CommandError(f"{bundle} is not a model bundle: cannot read {path.name}") from exc
-    except json.JSONDecodeError as exc:
-        raise CommandError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise CommandError(f"{path}: must hold a JSON object")
-    missing = [key for key in REQUIRED if key not in manifest]
-    if missing:
-        raise CommandError(f"{path}: lacks {', '.join(missing)}")
-    classes = manifest["classes"]
-    if not isinstance(classes, list) or not classes or len(set(map(str, classes))) != len(classes):
-        raise CommandError(f"{path}: classes must be a non-empty list of unique names")
-    if not isinstance(manifest["magnification"], int | float) or manifest["magnification"] <= 0:
-        raise CommandError(f"{path}: magnification must be a positive number")
-    return manifest
-
-
 def weights_sha256(bundle: Path) -> str:
     """One SHA-256 over the bundle's weight files, in name order (name and content)."""
-    files = sorted(bundle.glob("*.safetensors"))
-    if not files:
+    if not list(bundle.glob("*.safetensors")):
         raise CommandError(f"{bundle}: no *.safetensors weight files")
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
+    return bundle_weights_sha256(bundle)
 
 
 class Command(BaseCommand):
@@ -125,12 +93,8 @@ class Command(BaseCommand):
     @staticmethod
     def _bundle_dir(bundle: Path) -> Path:
         if bundle.is_file() and bundle.suffix == ".zip":
-            try:
-                from analysis.bundle import resolve_bundle_dir
-            except ImportError as exc:
-                raise CommandError(
-                    "unzip the bundle first: .zip bundles need analysis.bundle"
-                ) from exc
+            from analysis.bundle import resolve_bundle_dir
+
             return Path(resolve_bundle_dir(bundle))
         if not bundle.is_dir():
             raise CommandError(f"{bundle} is not a bundle directory")

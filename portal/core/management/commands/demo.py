@@ -103,9 +103,10 @@ class Command(BaseCommand):
 
     def _cases(self, cohort, slide_size: int) -> None:
         from analysis.export import export_lowmag
+        from analysis.files import sha256_file
         from analysis.synth import write_synthetic_slide
         from portal.cases.models import Case, Slide
-        from portal.uploads.ingest import ingest_slide, sha256_of
+        from portal.uploads.ingest import ingest_slide
         from portal.viewer.tiles import pretile
 
         scans = Path(settings.DATA_DIR) / "demo-scans"
@@ -145,7 +146,7 @@ class Command(BaseCommand):
                 f"({exported.size_ratio:.1f}x smaller than the 20x scan)"
             )
             slide.file = f"{slide.pk}/{slide.original_name}"
-            slide.sha256 = sha256_of(folder / slide.original_name)
+            slide.sha256 = sha256_file(folder / slide.original_name)
             slide.size_bytes = exported.bytes
             slide.save()
             ingest_slide(slide)

@@ -10,7 +10,6 @@ already imported.
 from __future__ import annotations
 
 import csv
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -19,15 +18,9 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils.text import slugify
 
+from analysis.files import sha256_file
 from portal.cases.models import Case, Cohort, Slide
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+from portal.uploads.ingest import ingest_slide
 
 
 def find_slide_file(folder: Path, slide_id: str) -> Path | None:
@@ -66,7 +59,6 @@ class Command(BaseCommand):
             raise CommandError(f"{folder} is not a directory")
         rows = read_labels(labels)
         target, _ = Cohort.objects.get_or_create(name=cohort, defaults={"slug": slugify(cohort)})
-        ingest = self._ingest_function()
         created = skipped = 0
         for row in rows:
             source = find_slide_file(folder, row["slide_id"])
@@ -79,20 +71,11 @@ class Command(BaseCommand):
                 skipped += 1
                 continue
             created += 1
-            if ingest is not None:
-                slide = ingest(slide)
+            slide = ingest_slide(slide)
             self.stdout.write(f"{row['slide_id']}: {slide.status} {slide.failure_reason}".rstrip())
         self.stdout.write(
             f"Cohort {target.name}: {created} slides imported, {skipped} already present."
         )
-
-    @staticmethod
-    def _ingest_function():
-        try:
-            from portal.uploads.ingest import ingest_slide
-        except ImportError:
-            return None
-        return ingest_slide
 
     @transaction.atomic
     def _import_slide(self, cohort: Cohort, row: dict, source: Path, copy: bool) -> Slide | None:
@@ -115,7 +98,7 @@ class Command(BaseCommand):
             case=case,
             original_name=source.name,
             file=str(relative),
-            sha256=sha256_of(source) if source.is_file() else "",
+            sha256=sha256_file(source) if source.is_file() else "",
             size_bytes=source.stat().st_size if source.is_file() else 0,
             status=Slide.Status.INGESTING,
         )

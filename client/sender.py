@@ -17,12 +17,10 @@ what to do, so the command prints one line.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
 import re
-import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -34,9 +32,9 @@ from urllib.parse import urljoin
 import requests
 
 from analysis.errors import AnalysisError
+from analysis.files import sha256_file, write_json_atomic
+from client import tus
 
-TUS_VERSION = "1.0.0"
-OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
 UPLOADS_PATH = "api/v1/uploads/"  # relative: a server may live under a path prefix
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 MIN_CHUNK_BYTES = 1024
@@ -179,14 +177,6 @@ def prepare_file(
     return _prepare_export(slide, float(magnification), Path(work_dir), quality, mpp)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(HASH_BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _prepare_export(
     slide: Path, magnification: float, work_dir: Path, quality: int, mpp: float | None
 ) -> PreparedFile:
@@ -205,7 +195,7 @@ def _prepare_export(
         timings["export_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         meta = {
-            "sha256": file_sha256(out),
+            "sha256": sha256_file(out),
             "bytes": result.bytes,
             "mtime_ns": out.stat().st_mtime_ns,
             "export": {
@@ -275,7 +265,7 @@ def _prepare_native(slide: Path, work_dir: Path) -> PreparedFile:
     else:
         path, upload_name = slide, slide.name
     t0 = time.perf_counter()
-    sha256 = file_sha256(path)
+    sha256 = sha256_file(path)
     timings["hash_s"] = time.perf_counter() - t0
     return PreparedFile(
         path=path,
@@ -348,10 +338,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _write_json(path: Path, value: dict) -> None:
     """Atomically: a process killed mid-write leaves the previous record, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, value, indent=1)
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
@@ -617,8 +604,8 @@ class TusUploader:
                 "try again later"
             )
         try:
-            offset = int(response.headers["Upload-Offset"])
-            length = int(response.headers.get("Upload-Length", size))
+            offset = int(response.headers[tus.UPLOAD_OFFSET])
+            length = int(response.headers.get(tus.UPLOAD_LENGTH, size))
         except (KeyError, ValueError) as exc:
             raise SendError(f"{url}: the answer to HEAD has no valid Upload-Offset") from exc
         return offset if length == size and 0 <= offset <= size else None
@@ -633,8 +620,8 @@ class TusUploader:
             "create the upload",
             headers=_tus(
                 {
-                    "Upload-Length": str(prepared.bytes),
-                    "Upload-Metadata": _encode_metadata(metadata),
+                    tus.UPLOAD_LENGTH: str(prepared.bytes),
+                    tus.UPLOAD_METADATA: tus.encode_metadata(metadata),
                 }
             ),
         )
@@ -702,9 +689,9 @@ class TusUploader:
                     problem = _connection_problem(exc)
                 if problem is None:
                     failures = 0
-                    offset = int(response.headers["Upload-Offset"])
+                    offset = int(response.headers[tus.UPLOAD_OFFSET])
                     self._save_state(state_path, prepared, url, offset)
-                    if offset == prepared.bytes and response.headers.get("Upload-Slide-Id"):
+                    if offset == prepared.bytes and response.headers.get(tus.SLIDE_ID):
                         return response
                     if not chunk:
                         raise SendError(
@@ -728,11 +715,10 @@ class TusUploader:
 
         headers = _tus(
             {
-                "Upload-Offset": str(start),
-                "Content-Type": OFFSET_CONTENT_TYPE,
+                tus.UPLOAD_OFFSET: str(start),
+                "Content-Type": tus.OFFSET_CONTENT_TYPE,
                 "Content-Length": str(len(chunk)),
-                "Upload-Checksum": "sha256 "
-                + base64.b64encode(hashlib.sha256(chunk).digest()).decode("ascii"),
+                tus.UPLOAD_CHECKSUM: tus.checksum_header(chunk),
             }
         )
         self.chunks += 1
@@ -743,7 +729,7 @@ class TusUploader:
     def _problem(self, response: requests.Response) -> str | None:
         """None when the chunk was stored; a retryable problem; or raises for a final refusal."""
         status = response.status_code
-        if status == 204 and "Upload-Offset" in response.headers:
+        if status == 204 and tus.UPLOAD_OFFSET in response.headers:
             return None
         if status in (409, 460) or _retryable(status):
             return f"answered {status} ({_detail(response)})"
@@ -768,16 +754,16 @@ class TusUploader:
         self, url: str, last: requests.Response, resumed_from: int, seconds: float
     ) -> UploadOutcome:
         headers = last.headers
-        status_url = self.api.url(headers.get("Upload-Status-Url") or f"{url}/status")
-        status = self._settled_status(status_url, headers.get("Upload-Slide-Status", ""))
+        status_url = self.api.url(headers.get(tus.STATUS_URL) or f"{url}/status")
+        status = self._settled_status(status_url, headers.get(tus.SLIDE_STATUS, ""))
         slide = status.get("slide") or {}
         return UploadOutcome(
             upload_url=url,
             status_url=status_url,
-            slide_id=int(headers["Upload-Slide-Id"]),
-            slide_status=str(slide.get("status") or headers.get("Upload-Slide-Status", "")),
-            reason=str(slide.get("failure_reason") or headers.get("Upload-Slide-Reason", "")),
-            duplicate=headers.get("Upload-Duplicate", "").lower() == "true",
+            slide_id=int(headers[tus.SLIDE_ID]),
+            slide_status=str(slide.get("status") or headers.get(tus.SLIDE_STATUS, "")),
+            reason=str(slide.get("failure_reason") or headers.get(tus.SLIDE_REASON, "")),
+            duplicate=headers.get(tus.DUPLICATE, "").lower() == "true",
             case_id=status.get("case"),
             server_sha256=status.get("sha256"),
             bytes_sent=self.bytes_sent,
@@ -799,14 +785,7 @@ class TusUploader:
 
 
 def _tus(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {"Tus-Resumable": TUS_VERSION, **(extra or {})}
-
-
-def _encode_metadata(metadata: dict[str, str]) -> str:
-    return ",".join(
-        f"{key} {base64.b64encode(value.encode('utf-8')).decode('ascii')}"
-        for key, value in metadata.items()
-    )
+    return {tus.RESUMABLE: tus.TUS_VERSION, **(extra or {})}
 
 
 def _is_json(response: requests.Response) -> bool:

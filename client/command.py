@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from analysis.errors import AnalysisError
-from analysis.sender import (
+from client.sender import (
     DEFAULT_CHUNK_BYTES,
     PreparedFile,
     SendError,

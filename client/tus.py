@@ -1,7 +1,9 @@
-"""tus 1.0 protocol pieces that do not need a request: headers, metadata, checksums.
+"""The tus 1.0 wire format as LowMag speaks it: versions, header names, metadata, checksums.
 
+The one definition both sides import: the hospital client (``client.sender``) and the portal's
+upload endpoint (``portal.uploads.views``). Nothing here needs a request or a connection.
 Protocol: https://tus.io/protocols/resumable-upload (core, creation, creation-with-upload,
-checksum, termination).
+checksum, termination), plus LowMag's answer headers naming the slide an upload became.
 """
 
 from __future__ import annotations
@@ -17,6 +19,24 @@ CHECKSUM_ALGORITHMS = "sha256"
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
 # Not in the HTTP registry: the tus checksum extension defines it.
 STATUS_CHECKSUM_MISMATCH = 460
+
+# -- header names (tus 1.0) --
+RESUMABLE = "Tus-Resumable"
+VERSION = "Tus-Version"
+EXTENSION = "Tus-Extension"
+CHECKSUM_ALGORITHM = "Tus-Checksum-Algorithm"
+MAX_SIZE = "Tus-Max-Size"
+UPLOAD_LENGTH = "Upload-Length"
+UPLOAD_OFFSET = "Upload-Offset"
+UPLOAD_METADATA = "Upload-Metadata"
+UPLOAD_CHECKSUM = "Upload-Checksum"
+UPLOAD_DEFER_LENGTH = "Upload-Defer-Length"
+# -- LowMag's answer to the last chunk: the slide the upload became --
+SLIDE_ID = "Upload-Slide-Id"
+SLIDE_STATUS = "Upload-Slide-Status"
+SLIDE_REASON = "Upload-Slide-Reason"
+STATUS_URL = "Upload-Status-Url"
+DUPLICATE = "Upload-Duplicate"
 
 
 class TusError(Exception):
@@ -60,6 +80,11 @@ def parse_non_negative(name: str, value: str | None) -> int:
     if value is None or not value.strip().isdigit():
         raise TusError(400, f"{name} must be a non-negative integer")
     return int(value)
+
+
+def checksum_header(chunk: bytes) -> str:
+    """The ``Upload-Checksum`` value for ``chunk``: ``sha256 <base64 digest>``."""
+    return "sha256 " + base64.b64encode(hashlib.sha256(chunk).digest()).decode("ascii")
 
 
 def parse_checksum(header: str | None) -> bytes | None:
