@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from analysis.files import json_ready as _json_safe
 from analysis.metrics import (
     CI_LEVEL,
     PairedComparison,
@@ -264,18 +265,6 @@ def write_report(result: CrossValResult, out_dir: Path) -> dict[str, Path]:
     paths["markdown"].write_text(markdown_table(result))
     plot_roc(result.predictions, result.classes, paths["roc_png"], result.model_name)
     return paths
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float | np.floating):
-        return None if np.isnan(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def _report_dict(result: CrossValResult) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from analysis.encoders import (
     save_weights,
 )
 from analysis.errors import AnalysisError, NoTissueError
+from analysis.files import json_ready as _jsonable
 from analysis.files import write_json_atomic
 from analysis.slides import PATCH_UM, open_slide, patch_size_px
 from analysis.tissue import patch_grid
@@ -558,15 +559,3 @@ def _load_checkpoint(
 
 def _write_json(path: Path, payload: dict) -> None:
     write_json_atomic(path, _jsonable(payload))
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -51,6 +51,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from analysis.files import json_ready as _jsonable  # noqa: E402
+
 OUT_DIR = Path(__file__).resolve().parent / "out" / "reproduce"
 MODELS = ("gltrans", "abmil", "clam_sb", "transmil")
 CONDITIONS = ("20x", "5x", "5x-maga", "10x-maga", "5x-export")
@@ -813,22 +815,6 @@ def plot_rocs(cfg: ReproConfig) -> None:
 
 def _f(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    return value
 
 
 # --- entry point ----------------------------------------------------------------------------

@@ -37,14 +37,10 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from analysis.files import write_markdown_section  # noqa: E402
 from analysis.synth import write_synthetic_slide  # noqa: E402
-from client.sender import (  # noqa: E402
-    PreparedFile,
-    Target,
-    TransferOptions,
-    TusUploader,
-    prepare_file,
-)
+from client.prepare import PreparedFile, prepare_file  # noqa: E402
+from client.sender import Target, TransferOptions, TusUploader  # noqa: E402
 
 OUT_DIR = ROOT / "benchmarks" / "out"
 README = ROOT / "benchmarks" / "README.md"
@@ -345,14 +341,7 @@ def update_readme(table: str, command: str) -> None:
         + table
         + "\n"
     )
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end + 1 :] if end != -1 else "")
-    README.write_text(text)
+    write_markdown_section(README, SECTION, body)
 
 
 # -- main ------------------------------------------------------------------------------------------

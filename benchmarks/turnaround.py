@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from analysis.files import write_markdown_section  # noqa: E402
+
 OUT_DIR = ROOT / "benchmarks" / "out"
 README = ROOT / "benchmarks" / "README.md"
 SECTION = "## Turnaround"
@@ -283,14 +285,7 @@ def update_readme(table: str, command: str, result: dict) -> None:
         f" Load average: {load['before']} before, {load['after']} after"
         f" ({result['machine']['cpus']} cores).\n\n" + table + "\n"
     )
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end + 1 :] if end != -1 else "")
-    README.write_text(text)
+    write_markdown_section(README, SECTION, body)
 
 
 # -- main -----------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@ with tus and follows the analysis to its result.
 
 - ``client.tus``: the tus 1.0 wire format (versions, header names, metadata, checksums), the
   one definition both this client and the portal's upload endpoint (``portal.uploads``) use.
-- ``client.sender``: preparing the file (export or native), the resumable tus uploader, the
-  portal's HTTP API, following a job to its prediction.
+- ``client.prepare``: the file to send (a cached 5x export, or the original).
+- ``client.sender``: the resumable tus uploader, the portal's HTTP API, following a job to its
+  prediction. ``client.errors``: what a send can fail with.
 - ``client.command``: the ``lowmag send`` sub-command.
 
 It imports the science library (``analysis``) for the export, and nothing of the portal.

@@ -15,18 +15,16 @@ from pathlib import Path
 from typing import TextIO
 
 from analysis.errors import AnalysisError
+from client.errors import SendError, SlideRefusedError
+from client.prepare import PreparedFile, prepare_file
 from client.sender import (
     DEFAULT_CHUNK_BYTES,
-    PreparedFile,
-    SendError,
     SendReport,
-    SlideRefusedError,
     Target,
     TransferOptions,
     TusUploader,
     default_work_dir,
     follow_analysis,
-    prepare_file,
     viewer_url,
 )
 

@@ -40,13 +40,18 @@ def make_vit_bundle(out_dir: Path, *, version: str = "1", seed: int = 0) -> Path
     return write_bundle(out_dir, manifest, mil_state=mil.state_dict())
 
 
-def write_slide_file(slide_dir: Path, name: str, label: str, seed: int) -> Path:
-    """A 5x (2 µm/px) pyramidal TIFF of a tissue disc; lesion discs carry darker nuclei."""
+def _side(mpp: float) -> int:
+    return int(round(320 * min(2.0 / mpp, 2.0)))
+
+
+def write_slide_file(slide_dir: Path, name: str, label: str, seed: int, mpp: float = 2.0) -> Path:
+    """A pyramidal TIFF of a tissue disc, lesion discs with darker nuclei: 320 px at 5x
+    (2 µm/px); a finer scan is at most 640 px (fewer patches, fast MAGA tests)."""
     import numpy as np
 
     from analysis.tiffio import write_pyramidal_tiff
 
-    side = 320
+    side = _side(mpp)
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:side, 0:side]
     centre = side / 2 + rng.uniform(-20, 20, 2)
@@ -58,19 +63,26 @@ def write_slide_file(slide_dir: Path, name: str, label: str, seed: int) -> Path:
     image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
     path = slide_dir / name / f"{name}.tiff"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_pyramidal_tiff(path, side, side, [image], mpp=2.0, app_mag=5.0, workers=1)
+    write_pyramidal_tiff(path, side, side, [image], mpp=mpp, app_mag=10.0 / mpp, workers=1)
     return path
 
 
 def make_case_with_slide(
-    cohort, accession: str, patient: str, label: str, seed: int, *, status: str = "ready"
+    cohort,
+    accession: str,
+    patient: str,
+    label: str,
+    seed: int,
+    *,
+    status: str = "ready",
+    mpp: float = 2.0,
 ):
     """A case with one real synthetic slide file (``status`` "ingesting": not yet ingested)."""
     from django.conf import settings
 
     from portal.cases.models import Case, Slide
 
-    path = write_slide_file(Path(settings.SLIDE_DIR), accession, label, seed)
+    path = write_slide_file(Path(settings.SLIDE_DIR), accession, label, seed, mpp)
     case = Case.objects.create(
         cohort=cohort, patient_id=patient, accession_number=accession, status="ready"
     )
@@ -80,10 +92,10 @@ def make_case_with_slide(
         file=str(path.relative_to(settings.SLIDE_DIR)),
         sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         size_bytes=path.stat().st_size,
-        mpp=2.0,
-        magnification=5.0,
-        width=320,
-        height=320,
+        mpp=mpp,
+        magnification=10.0 / mpp,
+        width=_side(mpp),
+        height=_side(mpp),
         status=status,
     )
     return case

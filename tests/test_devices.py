@@ -152,3 +152,11 @@ def test_bad_input_with_models_off_the_cpu_gets_the_cpu_paths_errors(tiny):
     finally:
         bundle.manifest.magnification = 5.0
     assert bundle.mil.input_devices == []  # refused before anything reached the model
+
+
+def test_reading_defaults_follow_the_encoders_device():
+    from analysis.pipeline import reading_defaults
+
+    assert reading_defaults("cpu") == (64, 2)
+    batch, readers = reading_defaults("cuda:0")
+    assert batch == 512 and 2 <= readers <= 8

@@ -171,3 +171,23 @@ def test_a_gpu_worker_child_preloads_the_active_models_when_told_to(
     _preload_models()
     assert len(loads) == 1
     assert tasks._bundles[model_version.sha256] is bundle
+
+
+def test_gpu_memory_travels_through_redis_between_worker_and_web(settings, monkeypatch):
+    from portal.core import metrics
+
+    if not settings.REDIS_URL:
+        pytest.skip("needs REDIS_URL (the production path)")
+    client = metrics._redis()
+    client.delete(metrics.GPU_REDIS_KEY)
+    try:
+        monkeypatch.setattr(
+            "analysis.devices.accelerator_memory",
+            lambda: {"present": True, "allocated_bytes": 7, "total_bytes": 9},
+        )
+        metrics.publish_worker_memory("gpu@redis-test")
+        text = "\n".join(metrics._gpu_lines())
+        assert 'lowmag_gpu_present{worker="gpu@redis-test"} 1' in text
+        assert 'lowmag_gpu_memory_bytes{worker="gpu@redis-test",kind="allocated"} 7' in text
+    finally:
+        client.delete(metrics.GPU_REDIS_KEY)

@@ -176,3 +176,16 @@ def test_cluster_map_can_wait_until_after_the_result(loaded):
     assert quick.probabilities == full.probabilities
     assert np.array_equal(quick.compute_clusters(), full.clusters)
     assert quick.features is None and quick.timings["clusters"] >= 0
+
+
+def test_clusters_on_an_accelerator_path_separate_the_same_kinds():
+    from analysis.pipeline import _kmeans_torch, cluster_instances
+
+    rng = np.random.default_rng(0)
+    features = np.concatenate([rng.normal(0, 1, (60, 64)), rng.normal(8, 1, (20, 64))])
+    labels = _kmeans_torch(features.astype(np.float32), 2, 0, 32, "cpu")  # the torch path
+    assert len(set(labels[:60])) == 1 and len(set(labels[60:])) == 1
+    assert labels[0] != labels[-1]
+    again = _kmeans_torch(features.astype(np.float32), 2, 0, 32, "cpu")
+    assert np.array_equal(labels, again)  # seeded: deterministic
+    assert set(cluster_instances(features, k=2, device="meta")[:60]) == {0}  # no data: sklearn

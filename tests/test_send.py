@@ -234,7 +234,8 @@ def test_killed_send_resumes_from_the_servers_offset(portal, slide_20x, capsys):
 
 
 def test_an_upload_the_server_forgot_starts_over(portal, slide_20x, token_env, capsys):
-    from client.sender import Target, prepare_file
+    from client.prepare import prepare_file
+    from client.sender import Target
     from portal.uploads.models import Upload
 
     token_env(portal.token)
@@ -268,7 +269,8 @@ def test_a_send_killed_after_the_last_byte_gets_its_slide_on_the_next_run(
 ):
     import requests
 
-    from client.sender import Target, prepare_file
+    from client.prepare import prepare_file
+    from client.sender import Target
     from client.tus import encode_metadata
     from portal.cases.models import Slide
 

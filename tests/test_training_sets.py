@@ -14,9 +14,12 @@ from tests.portal_fixtures import make_case, make_prediction
 pytestmark = pytest.mark.django_db
 
 
-def _signed(cohort, model, pathologist, accession: str, patient: str, call: str, *, real=False):
+def _signed(
+    cohort, model, pathologist, accession: str, patient: str, call: str, *, real=False, mpp=2.0
+):
     if real:
-        case = make_case_with_slide(cohort, accession, patient, call, seed=hash(accession) % 997)
+        seed = sum(map(ord, accession))
+        case = make_case_with_slide(cohort, accession, patient, call, seed=seed, mpp=mpp)
     else:
         case = make_case(cohort, accession)
         type(case).objects.filter(pk=case.pk).update(patient_id=patient)
@@ -185,3 +188,72 @@ def test_training_and_shadow_runs_go_to_the_gpu_queue():
         assert task.name in app.tasks  # registered where workers look (app ready)
         route = app.amqp.router.route({}, task.name, args=(1,), kwargs={})
         assert route["queue"].name == "gpu"
+
+
+def test_build_training_set_writes_what_crossval_reads(path_a, cohort_a, tmp_path, settings):
+    from django.core.management import CommandError, call_command
+
+    from analysis.commands.crossval import load_bags
+    from portal.analyses.models import ModelVersion
+    from tests.model_cohort import CLASSES
+
+    settings.SLIDE_DIR = tmp_path / "slides"
+    model = ModelVersion.objects.create(
+        name="shown", version="1", task="t", classes=CLASSES, magnification=5.0, sha256="1" * 64
+    )
+    for i in range(11):  # P0 has two cases
+        _signed(cohort_a, model, path_a, f"R-{i}", f"P{i % 10}", CLASSES[i % 10 % 2], real=True)
+    today = timezone.localdate().isoformat()
+    out = tmp_path / "set"
+    args = [cohort_a.slug, "--from", today, "--to", today, "--out", str(out)]
+    call_command("build_training_set", *args, "--encoder", "vit_tiny")
+    bags, classes = load_bags(out / "features", out / "labels.csv")
+    assert classes == CLASSES and len(bags) == 11
+    assert len({b.patient_id for b in bags}) == 10
+    with pytest.raises(CommandError, match="not empty"):
+        call_command("build_training_set", *args)
+    with pytest.raises(CommandError, match="has 0 patients|no usable signed cases"):
+        call_command(
+            "build_training_set",
+            cohort_a.slug,
+            "--from",
+            "2001-01-01",
+            "--to",
+            "2001-01-02",
+            "--out",
+            str(tmp_path / "other"),
+        )
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.slow
+def test_maga_on_20x_slides_aligns_the_encoder_and_records_it(
+    api_client_for,
+    admin_user,
+    path_a,
+    cohort_a,
+    tmp_path,
+    settings,
+    django_capture_on_commit_callbacks,
+):
+    from portal.analyses.models import ModelVersion, TrainingRun
+    from tests.model_cohort import CLASSES
+
+    settings.SLIDE_DIR = tmp_path / "slides"
+    settings.DATA_DIR = tmp_path / "data"
+    settings.BUNDLE_DIR = tmp_path / "bundles"
+    model = ModelVersion.objects.create(
+        name="shown", version="1", task="t", classes=CLASSES, magnification=5.0, sha256="1" * 64
+    )
+    for i in range(10):
+        _signed(cohort_a, model, path_a, f"M-{i}", f"P{i}", CLASSES[i % 2], real=True, mpp=0.5)
+    options = {**FAST_TRAINING, "maga": True, "maga_epochs": 1, "maga_pairs_per_slide": 8}
+    with django_capture_on_commit_callbacks(execute=True):
+        response = _start(api_client_for(admin_user), cohort_a, {**options, "encoder": "vit_tiny"})
+    assert response.status_code == 202
+    run = TrainingRun.objects.get()
+    assert run.state == "succeeded", run.error
+    provenance = run.model_version.report["provenance"]
+    assert provenance["maga"]["epochs"] == 1 and provenance["encoder"] == "vit_tiny"
+    assert provenance["encoder_weights"].endswith(".safetensors")
+    assert run.model_version.manifest["encoder"]["weights"] == "encoder.safetensors"

@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("slide", type=Path)
     predict.add_argument("--mpp", type=float, help="level-0 µm/px when the slide lacks scale")
     predict.add_argument("--min-tissue", type=float, default=0.25)
-    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument(
+        "--batch-size", type=int, help="encoder batch (default: 64 on a CPU, 512 on a GPU)"
+    )
     predict.add_argument("--device", help=DEVICE_HELP)
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.set_defaults(handler=run_predict)

@@ -1,6 +1,7 @@
 """Live updates over Channels: job progress and worklist changes.
 
-Group names: ``job.<id>`` (one analysis job) and ``cohort.<id>`` (every worklist showing that
+Group names: ``job.<id>`` (one analysis job), ``training.<id>`` (one training run) and
+``cohort.<id>`` (every worklist showing that
 cohort). Sending never fails the caller: a missing or unreachable channel layer only logs.
 """
 
@@ -26,6 +27,10 @@ def _send(group: str, message: dict) -> None:
 
 def job_update(job_id: int, fields: dict) -> None:
     _send(f"job.{job_id}", {"type": "job.update", "job": job_id, **_jsonable(fields)})
+
+
+def training_update(run_id: int, fields: dict) -> None:
+    _send(f"training.{run_id}", {"type": "training.update", "run": run_id, **_jsonable(fields)})
 
 
 def worklist_update(case) -> None:

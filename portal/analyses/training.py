@@ -2,7 +2,8 @@
 
 ``start_training`` (admins only) checks the training set at once (one class, too few patients,
 conflicting calls, missing files: refused, nothing created), then queues ``run_training``,
-which reports its stage and progress on the ``TrainingRun`` row:
+which reports its stage and progress on the ``TrainingRun`` row and, live, to admins on the
+websocket ``/ws/training/<run id>/``:
 
 verify (every slide's SHA-256) -> features (the cohort's active encoder, or MAGA-aligned on the
 cohort's own slides when asked) -> crossval (GLTrans, patient-level k-fold) -> bundle (trained on
@@ -26,6 +27,7 @@ from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
+from portal.analyses import progress as live
 from portal.analyses import trainingset
 from portal.analyses.models import ModelVersion, TrainingRun
 from portal.cases.models import Cohort
@@ -121,7 +123,7 @@ class _Progress:
     def __init__(self, run: TrainingRun):
         self.run = run
         self.timings: dict[str, float] = {}
-        self._stage, self._since = "", time.perf_counter()
+        self._stage, self._since, self._pushed = "", time.perf_counter(), 0.0
 
     def __call__(self, stage: str, fraction: float) -> None:
         now = time.perf_counter()
@@ -129,6 +131,9 @@ class _Progress:
             self._stage, self._since = stage, now
         self.timings[stage] = round(now - self._since, 3)
         TrainingRun.objects.filter(pk=self.run.pk).update(stage=stage, progress=float(fraction))
+        if fraction in (0.0, 1.0) or now - self._pushed >= 0.5:  # throttled, like analyses
+            self._pushed = now
+            live.training_update(self.run.pk, {"stage": stage, "progress": float(fraction)})
 
     def within(self, stage: str):
         return lambda fraction: self(stage, fraction)
@@ -212,6 +217,7 @@ def run_training(run_id: int) -> str:
         work_dir=str(work),
         finished_at=timezone.now(),
     )
+    live.training_update(run.pk, {"state": "succeeded", "model_version": model.pk})
     report = model.report
     audit.record(
         None,
@@ -231,6 +237,7 @@ def _fail(run: TrainingRun, work: Path, reason: str) -> str:
     TrainingRun.objects.filter(pk=run.pk).update(
         state="failed", error=reason[:2000], finished_at=timezone.now()
     )
+    live.training_update(run.pk, {"state": "failed", "error": reason[:500]})
     audit.record(None, "model.train.fail", run, cohort=run.cohort_id, reason=reason[:500])
     return "failed"
 

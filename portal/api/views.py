@@ -6,6 +6,8 @@ other cohorts answer 404; role checks on writes answer 403.
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib.auth import authenticate, login, logout
 from django.db import transaction
 from django.middleware.csrf import get_token
@@ -586,7 +588,7 @@ class SecondOpinionViewSet(
         return Response(self.get_serializer(opinion).data)
 
 
-WORKLIST_FILTERS = {
+WORKLIST_FILTERS: dict[str, Any] = {
     "cohort": int,
     "status": list(Case.Status.values),
     "priority": list(Case.Priority.values),

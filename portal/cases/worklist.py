@@ -8,6 +8,7 @@ frozen sections, then urgent, then routine cases; within a priority the oldest f
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from django.db import models
 from django.db.models import IntegerField, Q, QuerySet, Value, When
@@ -61,7 +62,7 @@ def _queue(cases: QuerySet[Case], user, queue: str) -> QuerySet[Case]:
 
 
 def worklist(
-    user, queue: str = DEFAULT_QUEUE, filters: Mapping[str, object] | None = None
+    user, queue: str = DEFAULT_QUEUE, filters: Mapping[str, Any] | None = None
 ) -> QuerySet[Case]:
     """The cases of ``queue`` that ``user`` may see, filtered, in worklist order.
 

@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TILE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 JOB_BUCKETS_S = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 LOOPBACK_ADDRS = frozenset({"127.0.0.1", "::1"})
 
 
@@ -108,7 +107,7 @@ def histogram_lines(
 def job_state_counts() -> dict[str, int]:
     from portal.analyses.models import AnalysisJob
 
-    counts = dict.fromkeys(JOB_STATES, 0)
+    counts = dict.fromkeys(AnalysisJob.State.values, 0)
     for row in AnalysisJob.objects.order_by().values("state").annotate(n=Count("id")):
         counts[row["state"]] = row["n"]
     return counts
