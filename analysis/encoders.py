@@ -1,4 +1,4 @@
-"""Patch encoders: ResNet50 (torchvision state-dict layout) and the truncated ResNet50 of CLAM.
+"""Patch encoders: ResNet50 (torchvision layout), the truncated ResNet50 of CLAM, and ViTs.
 
 ``ResNet50Trunc`` stops after ``layer3`` and average-pools to a 1024-d embedding. Its parameter
 names are torchvision's, so an ImageNet ``resnet50`` weight file loads into it: ``layer4.*`` and
@@ -10,14 +10,22 @@ statistics 0 / 1). It never sees a label. ``calibrate_batchnorm`` can then re-es
 BatchNorm statistics on unlabeled patches (MAGA does this on its 20x patches when no teacher
 weights are given) so that activations stay well scaled through the 13 blocks.
 
-A second family, ``vit_tiny`` (ViT-Tiny/16, timm's state-dict names, 192-d), exposes the same
-``forward_blocks`` so MAGA can align it too.
+A second family, ``VisionTransformer``, is configurable (``VitConfig``: patch size, depth,
+width, heads, LayerScale ``ls1.gamma``/``ls2.gamma``, register tokens, class-token or mean
+pooling) with timm's state-dict names. Named configurations: ``vit_tiny`` (ViT-Tiny/16),
+``uni`` (UNI: ViT-L/16 with LayerScale, 1024-d) and ``phikon`` (ViT-B/16; Phikon's Hugging Face
+checkpoint is renamed to timm's layout on load). Any other shape is a spec string such as
+``vit:dim=384,depth=12,heads=6,registers=4,pool=mean`` or ``vit:uni,dim=64,depth=3,heads=4``.
+
+Extension point: ``register_encoder(name, factory)`` makes any ``nn.Module`` with
+``embed_dim``, ``forward`` and ``forward_blocks`` (layer1..3 maps + pooled) usable by name in
+extraction, MAGA and bundles (a Swin-T/CTransPath encoder would plug in there; none ships).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -185,42 +193,103 @@ class _PatchEmbed(nn.Module):
         return self.proj(x)  # (B, D, H / patch, W / patch)
 
 
-class _VitBlock(nn.Module):
-    """Pre-norm transformer block (timm's parameter names)."""
+class _LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (timm's ``ls1``/``ls2`` with a ``gamma``)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, init: float = 1e-5) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = _Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = _Mlp(dim, int(dim * mlp_ratio))
+        self.gamma = nn.Parameter(torch.full((dim,), init))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))  # (B, N, D)
+        return x * self.gamma
 
 
-class VitTiny(nn.Module):
-    """ViT-Tiny/16 (192-d, 12 blocks, 3 heads) with timm's state-dict names.
+class _VitBlock(nn.Module):
+    """Pre-norm transformer block (timm's parameter names), optional LayerScale."""
 
-    Position embeddings are stored for 224 px (14 x 14 tokens) and resized bicubically to the
-    input's token grid, so 64 px (4 x 4 tokens) and 256 px (16 x 16) inputs both work. For MAGA
-    the outputs of blocks 4, 8 and 12 (patch tokens as (B, D, h, w) maps) stand in for layer1..3
-    and the normalised class token is the pooled embedding.
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float, layerscale: bool, eps: float
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = _Attention(dim, heads)
+        self.ls1 = _LayerScale(dim) if layerscale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = _Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = _LayerScale(dim) if layerscale else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))  # (B, N, D)
+
+
+@dataclass(frozen=True)
+class VitConfig:
+    """A Vision Transformer in timm's state-dict layout.
+
+    ``pool``: ``"cls"`` (final ``norm``, class token: UNI, Phikon) or ``"mean"`` (mean of the
+    patch tokens through ``fc_norm``, timm's ``global_pool='avg'``). ``registers``: extra
+    ``reg_token`` tokens (ViT "with registers"); ``pos_prefix``: whether ``pos_embed`` also holds
+    positions for the class and register tokens (timm's default) or only for patches
+    (``no_embed_class``).
     """
 
-    embed_dim = 192
-    patch = 16
-    block_taps = (3, 7, 11)  # blocks whose outputs MAGA aligns
+    patch: int = 16
+    dim: int = 192
+    depth: int = 12
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    layerscale: bool = False
+    registers: int = 0
+    pool: str = "cls"
+    pos_prefix: bool = True
+    base_tokens: int = 14  # pos_embed grid side as stored (224 px / 16)
+    eps: float = 1e-6
 
-    def __init__(self, depth: int = 12, heads: int = 3, base_tokens: int = 14) -> None:
+    def __post_init__(self) -> None:
+        if self.pool not in ("cls", "mean"):
+            raise AnalysisError(f"ViT pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.depth < 3 or self.dim % self.heads:
+            raise AnalysisError(
+                f"ViT needs depth >= 3 (MAGA taps 3 blocks) and dim divisible by heads; got "
+                f"depth {self.depth}, dim {self.dim}, heads {self.heads}"
+            )
+
+
+UNI = VitConfig(dim=1024, depth=24, heads=16, layerscale=True)  # UNI: ViT-L/16, LayerScale
+PHIKON = VitConfig(dim=768, depth=12, heads=12, eps=1e-12)  # Phikon: ViT-B/16 (iBOT)
+
+
+class VisionTransformer(nn.Module):
+    """A configurable ViT (see ``VitConfig``) whose parameter names are timm's.
+
+    Position embeddings are resized bicubically to the input's token grid, so 64 px (4 x 4
+    tokens at patch 16) and 256 px (16 x 16) inputs both work. For MAGA the patch tokens after
+    blocks depth/3, 2 depth/3 and depth (as (B, D, h, w) maps) stand in for layer1..3, and the
+    pooled embedding (class token or token mean) is ``pooled``.
+    """
+
+    def __init__(self, config: VitConfig | None = None) -> None:
         super().__init__()
-        dim = self.embed_dim
-        self.patch_embed = _PatchEmbed(dim, self.patch)
+        self.config = cfg = config or VitConfig()
+        self.embed_dim = dim = cfg.dim
+        self.patch = cfg.patch
+        self.block_taps = (cfg.depth // 3 - 1, 2 * cfg.depth // 3 - 1, cfg.depth - 1)
+        self.patch_embed = _PatchEmbed(dim, cfg.patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, base_tokens**2 + 1, dim) * 0.02)
-        self.blocks = nn.ModuleList(_VitBlock(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        if cfg.registers:
+            self.reg_token = nn.Parameter(torch.zeros(1, cfg.registers, dim))
+        self.n_prefix = 1 + cfg.registers
+        n_pos = cfg.base_tokens**2 + (self.n_prefix if cfg.pos_prefix else 0)
+        self.pos_embed = nn.Parameter(torch.randn(1, n_pos, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            _VitBlock(dim, cfg.heads, cfg.mlp_ratio, cfg.layerscale, cfg.eps)
+            for _ in range(cfg.depth)
+        )
+        if cfg.pool == "cls":
+            self.norm = nn.LayerNorm(dim, eps=cfg.eps)
+        else:
+            self.fc_norm = nn.LayerNorm(dim, eps=cfg.eps)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -228,30 +297,120 @@ class VitTiny(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def _pos(self, h: int, w: int) -> torch.Tensor:
-        cls_pos, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]  # (1, 1, D), (1, n*n, D)
+        """(1, [prefix +] h*w, D) position embeddings for an h x w token grid."""
+        n_pre = self.n_prefix if self.config.pos_prefix else 0
+        prefix, grid = self.pos_embed[:, :n_pre], self.pos_embed[:, n_pre:]
         n = int(round(grid.shape[1] ** 0.5))
         if (h, w) != (n, n):
             grid = grid.reshape(1, n, n, -1).permute(0, 3, 1, 2)  # (1, D, n, n)
             grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
             grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # (1, h*w, D)
-        return torch.cat([cls_pos, grid], dim=1)
+        return torch.cat([prefix, grid], dim=1)
 
     def forward_blocks(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens = self.patch_embed(x)  # (B, D, h, w)
         B, D, h, w = tokens.shape
-        x = torch.cat([self.cls_token.expand(B, -1, -1), tokens.flatten(2).transpose(1, 2)], 1)
-        x = x + self._pos(h, w)  # (B, 1 + h*w, D)
+        patches = tokens.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        prefix = [self.cls_token.expand(B, -1, -1)]
+        if self.config.registers:
+            prefix.append(self.reg_token.expand(B, -1, -1))
+        pos = self._pos(h, w)
+        if self.config.pos_prefix:
+            x = torch.cat([*prefix, patches], 1) + pos  # (B, prefix + h*w, D)
+        else:
+            x = torch.cat([*prefix, patches + pos], 1)
         out = {}
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i in self.block_taps:
                 name = BLOCK_NAMES[self.block_taps.index(i)]
-                out[name] = x[:, 1:].transpose(1, 2).reshape(B, D, h, w)  # (B, D, h, w)
-        out["pooled"] = self.norm(x)[:, 0]  # (B, D)
+                grid = x[:, self.n_prefix :].transpose(1, 2)  # (B, D, h*w)
+                out[name] = grid.reshape(B, D, h, w)
+        if self.config.pool == "cls":
+            out["pooled"] = self.norm(x)[:, 0]  # (B, D)
+        else:
+            out["pooled"] = self.fc_norm(x[:, self.n_prefix :].mean(1))  # (B, D)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_blocks(x)["pooled"]
+
+
+class VitTiny(VisionTransformer):
+    """ViT-Tiny/16 (192-d, 12 blocks, 3 heads), class-token pooling, no LayerScale."""
+
+    def __init__(self) -> None:
+        super().__init__(VitConfig())
+
+
+def parse_vit_spec(name: str) -> VitConfig:
+    """``vit:dim=384,depth=12,heads=6,patch=16,layerscale=1,registers=4,pool=mean`` -> config.
+
+    Starts from ViT-Tiny/16's values; ``vit:uni,...`` or ``vit:phikon,...`` start from those.
+    """
+    fields = {f: type(getattr(VitConfig(), f)) for f in VitConfig.__dataclass_fields__}
+    values: dict[str, Any] = {}
+    base = VitConfig()
+    for item in filter(None, name.removeprefix("vit:").split(",")):
+        if "=" not in item and item in ("uni", "phikon"):
+            base = UNI if item == "uni" else PHIKON
+            continue
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if key not in fields or not raw:
+            raise AnalysisError(
+                f"encoder {name!r}: {item!r} is not key=value with a key among {', '.join(fields)}"
+            )
+        kind = fields[key]
+        try:
+            values[key] = raw in ("1", "true", "yes") if kind is bool else kind(raw)
+        except ValueError:
+            raise AnalysisError(
+                f"encoder {name!r}: {key}={raw!r} is not a {kind.__name__}"
+            ) from None
+    return replace(base, **values)
+
+
+def hf_vit_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Hugging Face ``ViTModel`` state dict (Phikon's layout) in timm's names.
+
+    Separate query/key/value projections are stacked into ``qkv``; the pooler, classifier and
+    the iBOT mask token are dropped (unused for patch embeddings).
+    """
+    state = {k.removeprefix("vit."): v for k, v in state.items()}
+    out: dict[str, torch.Tensor] = {}
+    simple = {
+        "embeddings.cls_token": "cls_token",
+        "embeddings.position_embeddings": "pos_embed",
+        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+        "layernorm.weight": "norm.weight",
+        "layernorm.bias": "norm.bias",
+    }
+    per_layer = {
+        "attention.output.dense": "attn.proj",
+        "intermediate.dense": "mlp.fc1",
+        "output.dense": "mlp.fc2",
+        "layernorm_before": "norm1",
+        "layernorm_after": "norm2",
+    }
+    for key, value in state.items():
+        if key in simple:
+            out[simple[key]] = value
+            continue
+        if not key.startswith("encoder.layer."):
+            continue  # pooler.*, classifier.*, embeddings.mask_token
+        index, _, rest = key.removeprefix("encoder.layer.").partition(".")
+        module, _, kind = rest.rpartition(".")
+        if module in per_layer:
+            out[f"blocks.{index}.{per_layer[module]}.{kind}"] = value
+        elif module == "attention.attention.query":
+            parts = [state[f"encoder.layer.{index}.attention.attention.{p}.{kind}"]
+                     for p in ("query", "key", "value")]  # fmt: skip
+            out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat(parts, 0)
+        elif module not in ("attention.attention.key", "attention.attention.value"):
+            out[key] = value  # unknown: reported as unexpected by load_weights
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,14 +447,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state dict strictly; a full ResNet50 file may load into ``ResNet50Trunc``.
 
-    Keys ``layer4.*``, ``fc.*`` and ``head.*`` are dropped when the model has no such modules
-    (torchvision ImageNet files into the truncated network, classifier heads of ViT files). ``num_batches_tracked`` may be absent (old
-    torchvision files). Anything else missing or unexpected, or any shape mismatch, raises
+    Keys ``layer4.*``, ``fc.*``, ``head.*`` and ``mask_token`` are dropped when the model has no
+    such modules (torchvision ImageNet files into the truncated network, classifier heads and
+    masked-pretraining tokens of ViT files). ``num_batches_tracked`` may be absent (old
+    torchvision files). A Hugging Face ViT file (Phikon) is renamed to timm's layout first. Anything else missing or unexpected, or any shape mismatch, raises
     ``WeightsMismatchError`` naming the keys.
     """
     state = read_state_dict(path)
     own = model.state_dict()
-    for prefix in ("layer4.", "fc.", "head."):
+    if isinstance(model, VisionTransformer) and any(k.startswith(HF_VIT_KEYS) for k in state):
+        state = hf_vit_to_timm(state)  # a Hugging Face ViTModel file (Phikon)
+    for prefix in ("layer4.", "fc.", "head.", "mask_token"):  # mask_token: masked pretraining
         if not any(k.startswith(prefix) for k in own):
             state = {k: v for k, v in state.items() if not k.startswith(prefix)}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
@@ -311,10 +473,27 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
             + _describe_keys("missing", missing)
             + _describe_keys("unexpected", unexpected)
             + _describe_keys("wrong shape", wrong_shape)
-            + "use a torchvision-layout ResNet50 state dict"
+            + _layout_hint(model)
         )
     model.load_state_dict(state, strict=False)
     return model
+
+
+HF_VIT_KEYS = ("embeddings.", "encoder.layer.", "vit.embeddings.")
+
+
+def _layout_hint(model: nn.Module) -> str:
+    if isinstance(model, VisionTransformer):
+        c = model.config
+        return (
+            f"this encoder is a timm-layout ViT (patch {c.patch}, dim {c.dim}, depth {c.depth}, "
+            f"layerscale {c.layerscale}, registers {c.registers}, pool {c.pool}); pick the "
+            "--encoder that matches the checkpoint ('uni' for UNI ViT-L/16, 'phikon' for Phikon, "
+            "or vit:dim=...,depth=...)"
+        )
+    if hasattr(model, "forward_blocks") and not isinstance(model, _Stem):
+        return f"use a state dict saved from {type(model).__name__}"
+    return "use a torchvision-layout ResNet50 state dict"
 
 
 def _describe_keys(kind: str, keys: list[str]) -> str:
@@ -455,18 +634,49 @@ def _resnet50_trunc() -> ResNet50Trunc:
 ENCODERS: dict[str, Callable[[], nn.Module]] = {
     "resnet50_trunc": _resnet50_trunc,
     "vit_tiny": VitTiny,
+    "uni": lambda: VisionTransformer(UNI),
+    "phikon": lambda: VisionTransformer(PHIKON),
 }
+
+
+def register_encoder(name: str, factory: Callable[[], nn.Module]) -> None:
+    """Make any patch encoder usable by name (``build_encoder``, ``lowmag extract``, MAGA).
+
+    ``factory()`` returns an ``nn.Module`` with:
+    - ``embed_dim``: the size of the patch embedding;
+    - ``forward(x)``: (B, 3, H, W) ImageNet-normalised -> (B, embed_dim);
+    - ``forward_blocks(x)``: a dict with ``layer1``, ``layer2``, ``layer3`` (B, C_i, h_i, w_i)
+      feature maps from shallow to deep and ``pooled`` (B, embed_dim), the maps MAGA aligns
+      (the teacher's maps are average-pooled to the student's sizes);
+    - a state dict that ``load_weights`` can fill strictly from a safetensors or ``.pth`` file.
+    Names are process-wide: register before building bundles or models that use the name.
+    """
+    if name in ENCODERS or name.startswith("vit:"):
+        raise AnalysisError(f"encoder name {name!r} is taken")
+    ENCODERS[name] = factory
 
 
 def build_model(
     name: str, weights: str | Path | None = None, seed: int = FALLBACK_SEED
 ) -> nn.Module:
-    """The bare network; without ``weights`` the deterministic seeded fallback initialisation."""
-    if name not in ENCODERS:
-        raise AnalysisError(f"unknown encoder {name!r}; known encoders: {', '.join(ENCODERS)}")
+    """The bare network; without ``weights`` the deterministic seeded fallback initialisation.
+
+    ``name`` is a registered encoder or a ViT spec such as ``vit:dim=384,depth=12,heads=6``
+    (see ``parse_vit_spec``).
+    """
+    factory: Callable[[], nn.Module]
+    if name.startswith("vit:"):
+        config = parse_vit_spec(name)
+        factory = lambda: VisionTransformer(config)  # noqa: E731
+    elif name in ENCODERS:
+        factory = ENCODERS[name]
+    else:
+        raise AnalysisError(
+            f"unknown encoder {name!r}; known encoders: {', '.join(ENCODERS)}, or vit:key=value,..."
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ENCODERS[name]()
+        model = factory()
     if weights is not None:
         load_weights(model, weights)
     return model.eval()

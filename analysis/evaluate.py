@@ -86,6 +86,51 @@ def make_folds(bags: Sequence[Bag], k: int = 10, seed: int = 0) -> list[FoldSpli
     return splits
 
 
+def fixed_test_splits(
+    bags: Sequence[Bag],
+    test: Sequence[int],
+    repeats: int = 10,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> list[FoldSplit]:
+    """``repeats`` patient-level train/validation splits of the bags outside a fixed test set.
+
+    The CAMELYON16 protocol: the official test slides are never trained or validated on; each
+    repeat draws its validation patients (stratified by label) from the rest with its own seed.
+    """
+    test_idx = np.array(sorted(set(int(i) for i in test)), dtype=int)
+    rest = np.array([i for i in range(len(bags)) if i not in set(test_idx.tolist())], dtype=int)
+    test_patients = {str(bags[i].patient_id) for i in test_idx}
+    shared = sorted(test_patients & {str(bags[i].patient_id) for i in rest})
+    if shared:
+        raise ValueError(
+            f"patient(s) {', '.join(shared[:3])} have slides both in the test list and outside it; "
+            "a patient's slides must all be in one set"
+        )
+    if repeats < 1 or not 0.0 < val_fraction < 1.0:
+        raise ValueError("repeats must be >= 1 and the validation fraction in (0, 1)")
+    by_patient: dict[str, Counter[int]] = {}
+    for i in rest:
+        by_patient.setdefault(str(bags[i].patient_id), Counter())[int(bags[i].label)] += 1
+    if len(by_patient) < 2:
+        raise ValueError("the slides outside the test list need at least two patients")
+    patient_label = {p: min(c, key=lambda lab: (-c[lab], lab)) for p, c in by_patient.items()}
+    splits = []
+    for r in range(repeats):
+        rng = np.random.default_rng([seed, r])
+        val_patients: set[str] = set()
+        for label in sorted(set(patient_label.values())):
+            members = sorted(p for p, lab in patient_label.items() if lab == label)
+            n_val = int(round(len(members) * val_fraction))
+            val_patients.update(rng.permutation(members)[:n_val].tolist())
+        if not val_patients:
+            val_patients = {str(rng.choice(sorted(patient_label)))}
+        val = np.array([i for i in rest if str(bags[i].patient_id) in val_patients], dtype=int)
+        train = np.array([i for i in rest if str(bags[i].patient_id) not in val_patients], int)
+        splits.append(FoldSplit(r, train, val, test_idx))
+    return splits
+
+
 # --- cross-validation -----------------------------------------------------------------------
 
 
@@ -121,8 +166,13 @@ def crossval(
     classes: Sequence[str] | None = None,
     n_bootstrap: int = 2000,
     split_seed: int = 0,
+    splits: Sequence[FoldSplit] | None = None,
 ) -> CrossValResult:
-    """Patient-level k-fold cross-validation of one MIL model; writes a report to ``out_dir``."""
+    """Patient-level k-fold cross-validation of one MIL model; writes a report to ``out_dir``.
+
+    ``splits`` replaces the k folds (e.g. ``fixed_test_splits``): a slide tested in several
+    splits gets the mean of its predicted probabilities in the pooled predictions.
+    """
     train_cfg = train_cfg or TrainConfig()
     n_classes = max(len(classes or []), 1 + max(int(bag.label) for bag in bags), 2)
     classes = list(classes) if classes else [str(c) for c in range(n_classes)]
@@ -132,9 +182,10 @@ def crossval(
         **(mil_config or {}),
     }
     probs = np.zeros((len(bags), n_classes))
+    tested = np.zeros(len(bags), dtype=int)
     fold_of = np.zeros(len(bags), dtype=int)
     rows, histories = [], []
-    for split in make_folds(bags, folds, split_seed):
+    for split in splits if splits is not None else make_folds(bags, folds, split_seed):
         trained = train_model(
             model_name,
             config,
@@ -144,19 +195,27 @@ def crossval(
         )
         config = trained.mil_config
         test_bags = [bags[i] for i in split.test]
-        probs[split.test] = predict_proba(trained.model, test_bags)
+        split_probs = predict_proba(trained.model, test_bags)
+        probs[split.test] += split_probs
+        tested[split.test] += 1
         fold_of[split.test] = split.fold
         labels = np.array([bag.label for bag in test_bags])
-        rows.append(_fold_row(split, bags, labels, probs[split.test], trained.best_epoch))
+        rows.append(_fold_row(split, bags, labels, split_probs, trained.best_epoch))
         histories.append(trained.history)
+    keep = [int(i) for i in np.flatnonzero(tested)]
     predictions = OutOfFoldPredictions(
-        [str(b.slide_id) for b in bags],
-        [str(b.patient_id) for b in bags],
-        fold_of,
-        np.array([int(b.label) for b in bags]),
-        probs,
+        [str(bags[i].slide_id) for i in keep],
+        [str(bags[i].patient_id) for i in keep],
+        fold_of[keep],
+        np.array([int(bags[i].label) for i in keep]),
+        probs[keep] / tested[keep, None],
     )
     summary = summarise(rows, predictions, n_bootstrap, seed=split_seed)
+    summary["protocol"] = (
+        f"{len(rows)}-fold patient-level cross-validation"
+        if splits is None
+        else f"fixed test set ({len(keep)} slides), {len(rows)} train/validation splits"
+    )
     result = CrossValResult(
         model_name,
         config,
@@ -329,7 +388,8 @@ def markdown_table(result: CrossValResult) -> str:
     low, high = s["auc_mean_ci"]
     pooled_low, pooled_high = s["auc_pooled_ci"]
     lines = [
-        f"## {result.model_name}: {s['n_folds']}-fold patient-level cross-validation",
+        f"## {result.model_name}: "
+        + s.get("protocol", f"{s['n_folds']}-fold patient-level cross-validation"),
         "",
         "| Model | AUC mean (95% CI) | AUC pooled (95% CI) | Accuracy | Macro-F1 |",
         "|---|---|---|---|---|",

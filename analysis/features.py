@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -146,8 +147,39 @@ def save_h5(path: str | Path, features: Features) -> Path:
     return path
 
 
-def load_h5(path: str | Path) -> Features:
-    """Read our files or CLAM's; without ``grid_rc`` it is derived from the coordinates."""
+class H5Features:
+    """A slide's ``features`` dataset, read from its HDF5 file each time it is used.
+
+    Behaves like the (N, D) array where training needs it (``shape``, ``len``,
+    ``np.asarray``), so a cohort's bags cost only their file names until a bag is trained on.
+    """
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...]) -> None:
+        self.path = Path(path)
+        self.shape = shape
+        self.ndim = len(shape)
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # noqa: ANN001 - numpy protocol
+        import h5py
+
+        self.reads += 1
+        with h5py.File(self.path, "r") as f:
+            feats = np.asarray(f["features"][()], dtype or np.float32)
+        return feats[0] if feats.ndim == 3 and feats.shape[0] == 1 else feats
+
+
+def load_h5(path: str | Path, lazy: bool = False) -> Features:
+    """Read our files or CLAM's; without ``grid_rc`` it is derived from the coordinates.
+
+    ``lazy``: ``features`` is an ``H5Features`` read from the file only when used.
+    Level-0 patch spacing: our ``l0_patch_size`` attribute, else CLAM's ``coords`` attributes,
+    where ``patch_size`` counts pixels at ``patch_level`` and ``downsample`` converts them to
+    level 0.
+    """
     import h5py
 
     path = Path(path)
@@ -157,14 +189,21 @@ def load_h5(path: str | Path) -> Features:
                 raise AnalysisError(
                     f"{path} has no 'features' and 'coords' datasets: not a patch-feature file"
                 )
-            feats = np.asarray(f["features"][()], np.float32)
+            shape = tuple(int(n) for n in f["features"].shape)
+            if len(shape) == 3 and shape[0] == 1:  # some CLAM variants store (1, N, D)
+                shape = shape[1:]
+            feats: Any = (
+                H5Features(path, shape) if lazy else np.asarray(f["features"][()], np.float32)
+            )
             coords = np.asarray(f["coords"][()], np.int64)
             attrs = dict(f.attrs)
-            l0_patch = attrs.get("l0_patch_size", f["coords"].attrs.get("patch_size"))
+            l0_patch = attrs.get("l0_patch_size")
+            if l0_patch is None:
+                l0_patch = _clam_level0_patch(dict(f["coords"].attrs), path)
             grid_rc = np.asarray(f["grid_rc"][()], np.int64) if "grid_rc" in f else None
     except OSError as exc:
         raise AnalysisError(f"cannot read feature file {path}: {exc}") from exc
-    if feats.ndim == 3 and feats.shape[0] == 1:  # some CLAM variants store (1, N, D)
+    if not lazy and feats.ndim == 3 and feats.shape[0] == 1:
         feats = feats[0]
     if grid_rc is None:
         grid_rc = grid_rc_from_coords(coords, None if l0_patch is None else float(l0_patch))
@@ -178,6 +217,25 @@ def load_h5(path: str | Path) -> Features:
         l0_patch_size=None if l0_patch is None else float(l0_patch),
         encoder=str(attrs.get("encoder", "")),
     )
+
+
+def _clam_level0_patch(attrs: dict, path: Path) -> float | None:
+    """Level-0 patch spacing from CLAM's ``coords`` attributes (None when it has none)."""
+    if attrs.get("patch_size") is None:
+        return None
+    size = float(attrs["patch_size"])
+    downsample = attrs.get("downsample")
+    if downsample is not None:
+        factors = np.atleast_1d(np.asarray(downsample, np.float64))
+        if len(factors) and factors[0] > 0:
+            return size * float(factors[0])
+    if int(attrs.get("patch_level", 0)) != 0:
+        raise AnalysisError(
+            f"{path}: coords were patched at level {int(attrs['patch_level'])} but the file has no "
+            "'downsample' attribute to convert them to level 0; copy the attributes of CLAM's "
+            "patch file onto 'coords' or re-extract"
+        )
+    return size
 
 
 def _opt_float(value) -> float | None:

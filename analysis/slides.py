@@ -22,6 +22,7 @@ from types import TracebackType
 
 import numpy as np
 import openslide
+from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image, UnidentifiedImageError
 
 from analysis.errors import (
@@ -78,6 +79,7 @@ class Slide:
         self.path = path
         self._osr: openslide.OpenSlide | None = osr
         self._failed = False
+        self._deepzoom_generators: dict[tuple[int, int], DeepZoomGenerator] = {}
         props = osr.properties
         self.vendor: str = props.get(openslide.PROPERTY_NAME_VENDOR, "") or "unknown"
         self.dimensions: tuple[int, int] = tuple(osr.dimensions)  # type: ignore[assignment]
@@ -193,6 +195,36 @@ class Slide:
                 f"region {w}x{h} at level {level} from ({x}, {y})", exc
             ) from exc
         return _rgba_on_white(np.asarray(rgba))
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The finest level at least as coarse as needed: the largest downsample <= ``downsample``."""
+        fitting = [i for i, d in enumerate(self.level_downsamples) if d <= downsample + 1e-9]
+        return max(fitting, default=0)
+
+    def _deepzoom(self, tile_size: int, overlap: int) -> DeepZoomGenerator:
+        key = (tile_size, overlap)
+        generator = self._deepzoom_generators.get(key)
+        if generator is None:
+            generator = DeepZoomGenerator(self._handle(), tile_size=tile_size, overlap=overlap)
+            self._deepzoom_generators[key] = generator
+        return generator
+
+    def deepzoom_level_tiles(self, tile_size: int = 254, overlap: int = 1) -> list[tuple[int, int]]:
+        """(columns, rows) of every DeepZoom level (OpenSlide's geometry), coarsest first."""
+        return [(int(c), int(r)) for c, r in self._deepzoom(tile_size, overlap).level_tiles]
+
+    def deepzoom_tile(
+        self, level: int, tile_cr: tuple[int, int], tile_size: int = 254, overlap: int = 1
+    ) -> Image.Image:
+        """DeepZoom tile ``(col, row)`` of DeepZoom ``level`` as RGB. Raises ``ValueError`` for
+        a level or address outside the pyramid, ``CorruptSlideError`` when the read fails."""
+        generator = self._deepzoom(tile_size, overlap)
+        self._handle()  # refuse a closed or failed handle
+        try:
+            tile = generator.get_tile(level, tile_cr)
+        except openslide.OpenSlideError as exc:
+            raise self._read_failed(f"DeepZoom tile {tile_cr} of level {level}", exc) from exc
+        return tile.convert("RGB")
 
     def read_patch(
         self, l0_xy: tuple[int, int], mag: float, patch_um: float = PATCH_UM

@@ -1,6 +1,8 @@
 """MIL training: Adam + Lookahead, cross-entropy, model selection on validation macro-F1.
 
-One bag (one slide) per optimisation step. Augmentation: each training step sees the bag's
+One bag (one slide) per optimisation step. Bags stay in host memory (or in their HDF5 files,
+see ``analysis.features.H5Features``) and move to the training device one at a time, so a
+cohort's features never have to fit in GPU memory at once. Augmentation: each training step sees the bag's
 instances in a random order and, optionally, a random subset of them (positions travel with
 their instances, so GLTrans' local branch still sees true neighbours). The model kept is the
 one of the epoch with the best validation macro-F1 (ties: lower validation loss, then the
@@ -126,15 +128,18 @@ class _TensorBag(NamedTuple):
     label: int
 
 
+def _on_device(bag: Bag, device: str = "cpu") -> _TensorBag:
+    """One bag as tensors on ``device``. Bags stay where they are (host memory, or an HDF5 file
+    read only now for lazy ``H5Features``); only the bag being used visits the device."""
+    return _TensorBag(
+        torch.as_tensor(np.asarray(bag.features, dtype=np.float32)).to(device),
+        torch.as_tensor(np.asarray(bag.grid_rc, dtype=np.int64)).to(device),
+        int(bag.label),
+    )
+
+
 def _to_tensors(bags: Iterable[Bag], device: str = "cpu") -> list[_TensorBag]:
-    return [
-        _TensorBag(
-            torch.as_tensor(np.asarray(bag.features, dtype=np.float32), device=device),
-            torch.as_tensor(np.asarray(bag.grid_rc, dtype=np.int64), device=device),
-            int(bag.label),
-        )
-        for bag in bags
-    ]
+    return [_on_device(bag, device) for bag in bags]
 
 
 def _augment(bag: _TensorBag, cfg: TrainConfig, rng: np.random.Generator) -> _TensorBag:
@@ -185,14 +190,14 @@ def _bag_loss(model: nn.Module, bag: _TensorBag) -> Tensor:
 def _train_epoch(
     model: nn.Module,
     optimizer: Lookahead,
-    bags: list[_TensorBag],
+    bags: Sequence[Bag],
     cfg: TrainConfig,
     rng: np.random.Generator,
 ) -> float:
     model.train()
     total = 0.0
     for i in rng.permutation(len(bags)):
-        loss = _bag_loss(model, _augment(bags[i], cfg, rng))
+        loss = _bag_loss(model, _augment(_on_device(bags[i], cfg.device), cfg, rng))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -207,9 +212,8 @@ def predict_logits(model: nn.Module, bags: Sequence[Bag] | list[_TensorBag]) -> 
     device = next(model.parameters()).device
     rows = []
     for bag in bags:
-        features = torch.as_tensor(bag.features, device=device)
-        grid_rc = torch.as_tensor(bag.grid_rc, device=device).long()
-        logits, _ = model(features, grid_rc)
+        tensors = bag if isinstance(bag, _TensorBag) else _on_device(bag, str(device))
+        logits, _ = model(tensors.features.to(device), tensors.grid_rc.to(device).long())
         rows.append(logits.reshape(-1).float().cpu().numpy())
     return np.stack(rows)
 
@@ -263,8 +267,7 @@ def train_model(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
     try:
-        train, val = _to_tensors(train_bags, cfg.device), _to_tensors(val_bags, cfg.device)
-        return _fit(model_name, config, train, val, cfg)
+        return _fit(model_name, config, train_bags, val_bags, cfg)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -272,8 +275,8 @@ def train_model(
 def _fit(
     model_name: str,
     config: dict[str, Any],
-    train: list[_TensorBag],
-    val: list[_TensorBag],
+    train: Sequence[Bag],
+    val: Sequence[Bag],
     cfg: TrainConfig,
 ) -> TrainResult:
     torch.manual_seed(cfg.seed)
@@ -281,7 +284,7 @@ def _fit(
     model = build_mil(model_name, config).to(cfg.device)
     adam = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     optimizer = Lookahead(adam, k=cfg.lookahead_k, alpha=cfg.lookahead_alpha)
-    val_labels = np.array([bag.label for bag in val])
+    val_labels = np.array([int(bag.label) for bag in val])
     history: list[dict[str, float]] = []
     best: dict[str, float] | None = None
     best_state, best_epoch = copy.deepcopy(model.state_dict()), 0

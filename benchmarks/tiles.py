@@ -255,21 +255,32 @@ def _wait_until_up(port: int, server: subprocess.Popen, timeout_s: float = 60) -
     raise RuntimeError(f"daphne on port {port} did not answer within {timeout_s} s")
 
 
+def _cookie(response, name: str) -> str:
+    for header, value in response.getheaders():
+        if header.lower() == "set-cookie" and value.startswith(f"{name}="):
+            return value.split(";", 1)[0]
+    raise RuntimeError(f"no {name} cookie in the answer")
+
+
 def login(port: int) -> str:
-    """POST /api/v1/auth/login and return the session cookie."""
+    """GET the CSRF cookie, POST /api/v1/auth/login with it; returns the session cookie."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/api/v1/auth/login")
+    first = conn.getresponse()
+    first.read()
+    csrf = _cookie(first, "csrftoken")
     body = json.dumps({"username": "bench", "password": PASSWORD})
-    conn.request(
-        "POST", "/api/v1/auth/login", body=body, headers={"Content-Type": "application/json"}
-    )
+    headers = {
+        "Content-Type": "application/json",
+        "Cookie": csrf,
+        "X-CSRFToken": csrf.split("=", 1)[1],
+    }
+    conn.request("POST", "/api/v1/auth/login", body=body, headers=headers)
     response = conn.getresponse()
     response.read()
     if response.status != 200:
         raise RuntimeError(f"login failed with HTTP {response.status}")
-    for header, value in response.getheaders():
-        if header.lower() == "set-cookie" and value.startswith("sessionid="):
-            return value.split(";", 1)[0]
-    raise RuntimeError("login answered 200 without a session cookie")
+    return _cookie(response, "sessionid")
 
 
 # -- the load generator ---------------------------------------------------------------------------

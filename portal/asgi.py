@@ -16,6 +16,28 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from portal.viewer.fastpath import TileFastPath  # noqa: E402
 from portal.viewer.routing import websocket_urlpatterns  # noqa: E402
 
+
+def _freeze_startup_heap() -> None:
+    """Keep the start-up heap out of the garbage collector's full passes.
+
+    A full collection walks every tracked object: with Django, the URL conf and the libraries
+    loaded (~10^5 objects) it took ~170 ms on a 2-core machine, and it ran every few thousand
+    tile requests: the ~1% of tiles that stalled for ~0.2 s. Those objects live as long as the
+    process, so they are imported now and frozen (``gc.freeze``) out of the collector's reach.
+    """
+    import gc
+
+    from django.urls import get_resolver
+
+    get_resolver().url_patterns  # noqa: B018 - imports every view module now
+    import portal.viewer.tileservice  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+
+
+_freeze_startup_heap()
+
 application = ProtocolTypeRouter(
     {
         "http": TileFastPath(django_asgi_app),

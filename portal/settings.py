@@ -8,6 +8,7 @@ the portal runs embedded: SQLite and local files under ``LOWMAG_DATA_DIR`` (defa
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 from portal.env import database_from_url, env_bool, env_int, env_list, env_str
@@ -47,6 +48,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "channels",
+    "axes",
     "portal.core",
     "portal.cases",
     "portal.analyses",
@@ -66,7 +68,23 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "portal.core.middleware.SecurityHeadersMiddleware",
+    "axes.middleware.AxesMiddleware",
 ]
+
+# Repeated wrong passwords lock the account (django-axes; portal.core.throttle audits them):
+# page, admin and API logins and the signing password all count.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("LOWMAG_LOGIN_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOWMAG_LOGIN_LOCKOUT_MINUTES", 30))
+AXES_LOCKOUT_PARAMETERS = ["username"]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "portal.core.throttle.lockout_response"
+AXES_VERBOSE = False
+# Locking by user name alone is deliberate: a hospital's clients share a few NAT addresses.
+SILENCED_SYSTEM_CHECKS = ["axes.W006"]
 
 ROOT_URLCONF = "portal.urls"
 WSGI_APPLICATION = "portal.wsgi.application"
@@ -136,6 +154,7 @@ REST_FRAMEWORK = {
         "rest_framework.filters.OrderingFilter",
     ],
     "EXCEPTION_HANDLER": "portal.api.exceptions.exception_handler",
+    "DEFAULT_THROTTLE_RATES": {"wrong_token": env_str("LOWMAG_WRONG_TOKEN_RATE", "20/min")},
 }
 
 SPECTACULAR_SETTINGS = {
@@ -153,6 +172,24 @@ SPECTACULAR_SETTINGS = {
         "JobStateEnum": "portal.analyses.models.AnalysisJob.STATES",
     },
 }
+
+# Shared by every process of the portal: throttle counts and the tile grants version
+# (portal.viewer.tileservice). Redis in production; files under DATA_DIR on one machine.
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "lowmag",
+        }
+    }
+else:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(DATA_DIR / "cache"),
+        }
+    }
 
 if REDIS_URL:
     CHANNEL_LAYERS = {
@@ -178,6 +215,7 @@ CELERY_TASK_ROUTES = {
     "portal.analyses.tasks.run_analysis": {"queue": "gpu"},
     "portal.analyses.training.run_training": {"queue": "gpu"},
     "portal.analyses.shadow.run_shadow": {"queue": "gpu"},
+    "portal.analyses.extraction.extract_slide_features": {"queue": "gpu"},
 }
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("LOWMAG_VISIBILITY_TIMEOUT", 3600)}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -193,6 +231,9 @@ LOWMAG_DEVICE = env_str("LOWMAG_DEVICE", "")
 # A worker child loads the active models when it starts (set for the gpu queue's workers).
 LOWMAG_PRELOAD_MODELS = env_bool("LOWMAG_PRELOAD_MODELS", False)
 LOWMAG_MAX_UPLOAD_BYTES = env_int("LOWMAG_MAX_UPLOAD_BYTES", 20 * 1024**3)
+
+# Webhook receivers on internal addresses, allowed on purpose (host names, IPs, networks).
+LOWMAG_WEBHOOK_ALLOWED_HOSTS = env_list("LOWMAG_WEBHOOK_ALLOWED_HOSTS", [])
 
 # Security: off by default (plain HTTP on localhost); production values in deploy/SETTINGS.md.
 # TLS ends at nginx or the ingress, which sets X-Forwarded-Proto.

@@ -56,3 +56,12 @@ def shared_slide(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"real slide file {path} not present")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_throttle_counts():
+    """Throttle counters live in the shared cache: each test starts from none."""
+    yield
+    from django.core.cache import cache
+
+    cache.delete("throttle_wrong_token_127.0.0.1")

@@ -157,8 +157,12 @@ def test_prediction_scores_come_back_in_grid_order(api_client_for, path_a, predi
 
 def test_session_login_then_csrf_protected_writes(path_a, case_a):
     browser = Client(enforce_csrf_checks=True)
+    browser.get("/api/v1/auth/login")  # the CSRF cookie the login itself needs
     login = browser.post(
-        "/api/v1/auth/login", {"username": "path_a", "password": PASSWORD}, "application/json"
+        "/api/v1/auth/login",
+        {"username": "path_a", "password": PASSWORD},
+        "application/json",
+        HTTP_X_CSRFTOKEN=browser.cookies["csrftoken"].value,
     )
     assert login.status_code == 200
     assert login.json()["memberships"][0]["role"] == "pathologist"

@@ -241,3 +241,142 @@ def test_vit_tiny_weights_round_trip_and_classifier_head_is_dropped(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(encoder.model(x), source.eval()(x))
+
+
+# --- configurable ViT: UNI / Phikon layouts ---------------------------------------------------
+
+SMALL_UNI = "vit:uni,dim=64,depth=3,heads=4"
+
+
+def test_uni_encoder_has_vit_l16_shapes_keys_and_parameter_count():
+    from analysis.encoders import UNI, VisionTransformer
+    from tests.vit_layouts import uni_layout
+
+    with torch.device("meta"):
+        model = VisionTransformer(UNI)
+        published = {k: v.shape for k, v in uni_layout(1024, 24).items()}
+    own = {k: v.shape for k, v in model.state_dict().items()}
+    assert own == published  # every key and shape of UNI's checkpoint, nothing else
+    assert count_parameters(model) == 303_350_784  # ViT-L/16 without head, plus LayerScale
+    assert model.embed_dim == 1024 and model.block_taps == (7, 15, 23)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_uni_layout_weights_load_and_give_5x_maps_and_embeddings(tmp_path, suffix):
+    from tests.vit_layouts import uni_layout
+
+    state = uni_layout(64, 3)
+    state["mask_token"] = torch.zeros(1, 64)  # some masked-pretraining exports keep it
+    path = tmp_path / f"uni{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    encoder = build_encoder(SMALL_UNI, weights=path, device="cpu")
+    assert torch.equal(encoder.model.blocks[2].ls2.gamma, state["blocks.2.ls2.gamma"])
+    blocks = encoder.blocks(_patches(2, 64))  # 5x patch: 4 x 4 tokens
+    assert blocks["layer1"].shape == (2, 64, 4, 4) and blocks["pooled"].shape == (2, 64)
+    assert encoder.embed(_patches(3, 256)).shape == (3, 64)
+
+
+def test_layerscale_changes_the_output():
+    from tests.vit_layouts import uni_layout
+
+    model = build_model(SMALL_UNI)
+    model.load_state_dict(uni_layout(64, 3))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        model.blocks[0].ls1.gamma.mul_(5)
+        assert not torch.allclose(model(x), before)
+
+
+def test_phikon_hugging_face_checkpoint_loads_into_the_timm_layout(tmp_path):
+    from analysis.encoders import hf_vit_to_timm
+    from tests.vit_layouts import phikon_layout
+
+    hf = phikon_layout(48, 3)
+    save_file(hf, str(tmp_path / "phikon.safetensors"))
+    spec = "vit:phikon,dim=48,depth=3,heads=4"
+    model = build_model(spec, weights=tmp_path / "phikon.safetensors")
+    q, k, v = (
+        hf[f"encoder.layer.1.attention.attention.{n}.weight"] for n in ("query", "key", "value")
+    )
+    assert torch.equal(model.blocks[1].attn.qkv.weight, torch.cat([q, k, v]))
+    assert torch.equal(model.norm.weight, hf["layernorm.weight"])
+    assert model.config.eps == 1e-12
+    # the same network through a timm-named file gives the same embedding
+    save_file(hf_vit_to_timm(hf), str(tmp_path / "timm.safetensors"))
+    again = build_model(spec, weights=tmp_path / "timm.safetensors")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), again(x))
+
+
+def test_registers_and_mean_pooling_use_timms_names():
+    model = build_model("vit:dim=32,depth=3,heads=2,registers=4,pool=mean,layerscale=1")
+    keys = set(model.state_dict())
+    assert {
+        "reg_token",
+        "fc_norm.weight",
+        "blocks.0.ls1.gamma",
+    } <= keys and "norm.weight" not in keys
+    assert model.state_dict()["pos_embed"].shape == (1, 14 * 14 + 5, 32)
+    blocks = model.forward_blocks(torch.randn(2, 3, 64, 64))
+    assert blocks["layer2"].shape == (2, 32, 4, 4) and blocks["pooled"].shape == (2, 32)
+
+
+def test_a_weight_file_of_another_width_fails_in_one_clear_line(tmp_path):
+    from tests.vit_layouts import uni_layout
+
+    save_file(uni_layout(96, 3), str(tmp_path / "wide.safetensors"))
+    with pytest.raises(WeightsMismatchError) as caught:
+        build_encoder(SMALL_UNI, weights=tmp_path / "wide.safetensors", device="cpu")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "48 wrong shape key(s)" in message and "attn.proj.weight (96, 96) != (64, 64)" in message
+    assert "timm-layout ViT" in message and "'uni'" in message
+
+
+def test_a_resnet_file_into_a_vit_is_refused(tmp_path, torchvision_state):
+    save_file(dict(torchvision_state), str(tmp_path / "r50.safetensors"))
+    with pytest.raises(WeightsMismatchError, match="missing key"):
+        build_model(SMALL_UNI, weights=tmp_path / "r50.safetensors")
+
+
+def test_bad_vit_specs_are_one_line_errors():
+    with pytest.raises(AnalysisError, match="'depth=x' is not a int|depth='x' is not a int"):
+        build_model("vit:depth=x")
+    with pytest.raises(AnalysisError, match="is not key=value"):
+        build_model("vit:width=3")
+    with pytest.raises(AnalysisError, match="divisible by heads"):
+        build_model("vit:dim=30,heads=4")
+
+
+def test_any_module_with_forward_blocks_can_be_registered():
+    from analysis.encoders import ENCODERS, register_encoder
+
+    class Tiny(torch.nn.Module):
+        embed_dim = 8
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 4, stride=4)
+
+        def forward_blocks(self, x):
+            l1 = self.conv(x)
+            l2 = torch.nn.functional.avg_pool2d(l1, 2)
+            l3 = torch.nn.functional.avg_pool2d(l2, 2)
+            return {"layer1": l1, "layer2": l2, "layer3": l3, "pooled": l3.mean((2, 3))}
+
+        def forward(self, x):
+            return self.forward_blocks(x)["pooled"]
+
+    register_encoder("tiny_test", Tiny)
+    try:
+        encoder = build_encoder("tiny_test", device="cpu")
+        assert encoder.embed(_patches(2, 64)).shape == (2, 8)
+        with pytest.raises(AnalysisError, match="is taken"):
+            register_encoder("tiny_test", Tiny)
+    finally:
+        ENCODERS.pop("tiny_test")

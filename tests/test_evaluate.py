@@ -237,3 +237,103 @@ def test_cli_refuses_a_labels_file_listing_a_slide_twice(tmp_path, capsys):
     )  # fmt: skip
     assert code == 2
     assert "slide p0-s0 is listed twice" in capsys.readouterr().err
+
+
+def _crossval_argv(tmp_path, *extra: str) -> list[str]:
+    return [
+        "crossval", "--features", str(tmp_path / "features"), "--labels",
+        str(tmp_path / "labels.csv"), "--model", "abmil", "--epochs", "2", "--lr", "0.003",
+        "--bootstrap", "1000", "--mil-config", json.dumps(TINY_ABMIL), "-o",
+        str(tmp_path / "run"), *extra,
+    ]  # fmt: skip
+
+
+def _write_test_list(path, slide_ids) -> None:
+    path.write_text("slide_id\n" + "".join(f"{s}\n" for s in slide_ids))
+
+
+def test_cli_crossval_with_a_fixed_test_list_never_trains_on_the_test_slides(tmp_path, capsys):
+    bags = separable_bags(12)
+    write_h5_folder(tmp_path, bags, with_grid=True)
+    test_ids = [b.slide_id for b in bags if b.patient_id in ("p0", "p1", "p2", "p3")]
+    _write_test_list(tmp_path / "test.csv", test_ids)
+    argv = _crossval_argv(tmp_path, "--test-list", str(tmp_path / "test.csv"), "--repeats", "3")
+    assert lowmag([*argv, "--val-fraction", "0.25"]) == 0
+    report = json.loads((tmp_path / "run" / "crossval.json").read_text())
+    assert len(report["folds"]) == 3
+    assert all(row["n_test"] == len(test_ids) for row in report["folds"])
+    assert all(
+        row["n_train"] + row["n_val"] == len(bags) - len(test_ids) for row in report["folds"]
+    )
+    assert report["summary"]["protocol"].startswith("fixed test set (6 slides), 3 train/validation")
+    with (tmp_path / "run" / "predictions.csv").open() as handle:
+        assert sorted(r["slide_id"] for r in csv.DictReader(handle)) == sorted(test_ids)
+    assert "fixed test set" in capsys.readouterr().out
+
+
+def test_fixed_test_splits_vary_validation_and_keep_patients_together():
+    from analysis.evaluate import fixed_test_splits
+
+    bags = separable_bags(20)
+    test = [i for i, b in enumerate(bags) if b.patient_id in ("p0", "p1")]
+    splits = fixed_test_splits(bags, test, repeats=4, val_fraction=0.2, seed=0)
+    assert len({tuple(s.val) for s in splits}) > 1  # the splits differ
+    for split in splits:
+        assert list(split.test) == test
+        groups = [
+            {bags[i].patient_id for i in part} for part in (split.train, split.val, split.test)
+        ]
+        assert not (groups[0] & groups[1]) and not (groups[0] & groups[2])
+        assert not (groups[1] & groups[2])
+
+
+@pytest.mark.parametrize(
+    ("problem", "expected"),
+    [
+        ("overlap", "have slides both in the test list and outside it"),
+        ("unknown", "names 1 slide(s) not in"),
+        ("two_classes", "patient p2 has slides in 2 classes"),
+        ("missing", "(and 1 more slides)"),
+    ],
+)
+def test_cli_bad_cohort_input_is_one_line_and_writes_nothing(tmp_path, capsys, problem, expected):
+    bags = separable_bags(8)
+    write_h5_folder(tmp_path, bags, with_grid=True)
+    test_ids = ["p0-s0", "p2-s0"]
+    if problem == "overlap":
+        test_ids = ["p1-s0"]  # p1 has a second slide, p1-s1, outside the list
+    if problem == "unknown":
+        test_ids = ["p0-s0", "nobody-s9"]
+    if problem == "two_classes":
+        text = (tmp_path / "labels.csv").read_text().replace("p3,p3-s1,LUSC", "p2,p3-s1,LUSC")
+        (tmp_path / "labels.csv").write_text(text)
+    if problem == "missing":
+        (tmp_path / "features" / "p1-s0.h5").unlink()
+        (tmp_path / "features" / "p3-s1.h5").unlink()
+    _write_test_list(tmp_path / "test.csv", test_ids)
+    code = lowmag(_crossval_argv(tmp_path, "--test-list", str(tmp_path / "test.csv")))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bags_load_lazily_and_train_one_at_a_time_like_in_memory_bags(tmp_path):
+    from analysis.features import H5Features
+    from analysis.train import train_model
+
+    bags = separable_bags(6)
+    write_h5_folder(tmp_path, bags, with_grid=True)
+    lazy, _ = load_bags(tmp_path / "features", tmp_path / "labels.csv")
+    assert all(isinstance(b.features, H5Features) and b.features.reads == 0 for b in lazy)
+    assert lazy[0].features.shape == bags[0].features.shape
+    train, val = [0, 1, 2, 3, 4, 5, 8], [6, 7]  # validation: p4 (LUAD) and p5 (LUSC)
+    cfg = TrainConfig(lr=5e-3, epochs=2, patience=5)
+    eager = train_model("abmil", TINY_ABMIL, [bags[i] for i in train], [bags[i] for i in val], cfg)
+    streamed = train_model(
+        "abmil", TINY_ABMIL, [lazy[i] for i in train], [lazy[i] for i in val], cfg
+    )
+    assert streamed.history == eager.history
+    # every epoch re-reads each training bag from its file (2 epochs), plus validation reads
+    assert [lazy[i].features.reads for i in train] == [2] * len(train)
+    assert [lazy[i].features.reads for i in val] == [2] * len(val)

@@ -72,6 +72,39 @@ def test_clam_file_with_only_features_and_coords_loads_with_derived_grid(tmp_pat
     np.testing.assert_array_equal(loaded.grid_rc, rc - rc.min(axis=0))
 
 
+def _write_clam_h5(path, coords, level: int, downsample: float | None) -> None:
+    """A feature file the way CLAM writes it: coords attributes copied from its patch file."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=np.ones((len(coords), 16), np.float32))
+        dset = f.create_dataset("coords", data=coords.astype(np.int64))
+        dset.attrs["patch_size"] = 256  # pixels at patch_level, not level 0
+        dset.attrs["patch_level"] = level
+        if downsample is not None:
+            dset.attrs["downsample"] = np.array([downsample, downsample])
+            dset.attrs["downsampled_level_dim"] = np.array([10000, 8000]) // int(downsample)
+        dset.attrs["level_dim"] = np.array([10000, 8000])
+        dset.attrs["name"] = "slide"
+        dset.attrs["save_path"] = "/data/patches"
+
+
+def test_clam_coords_patched_above_level_0_use_the_downsample_for_the_grid(tmp_path):
+    rows, cols = np.meshgrid(np.arange(3), np.arange(4), indexing="ij")
+    rc = np.stack([rows.ravel(), cols.ravel()], axis=1)
+    coords = rc[:, ::-1] * 1024 + np.array([500, 700])  # level-1 patches of 256 px, downsample 4
+    path = tmp_path / "clam.h5"
+    _write_clam_h5(path, coords, level=1, downsample=4.0)
+    loaded = load_h5(path)
+    assert loaded.l0_patch_size == 1024.0
+    np.testing.assert_array_equal(loaded.grid_rc, rc)  # neighbours stay neighbours
+
+
+def test_clam_coords_above_level_0_without_downsample_are_refused(tmp_path):
+    coords = np.array([[0, 0], [1024, 0]])
+    _write_clam_h5(tmp_path / "clam.h5", coords, level=2, downsample=None)
+    with pytest.raises(AnalysisError, match="no 'downsample' attribute"):
+        load_h5(tmp_path / "clam.h5")
+
+
 def test_grid_from_coords_uses_patch_size_attribute_when_present():
     coords = np.array([[0, 0], [512, 0], [512, 1024]])
     np.testing.assert_array_equal(grid_rc_from_coords(coords, 256.0), [[0, 0], [0, 2], [4, 2]])

@@ -200,3 +200,50 @@ def test_ingest_can_be_rerun_on_a_stored_slide(lis_client, case_a):
     slide.save()
     assert ingest_slide(slide).status == "ready"
     assert Slide.objects.get(pk=slide.pk).vendor == "aperio"
+
+
+# -- zip bombs ---------------------------------------------------------------------------------
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_zip_bomb_is_refused_before_10_mb_is_written(tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    zeros = b"\0" * (64 * 1024 * 1024)
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        for i in range(4):
+            archive.writestr(f"series/{i}.dcm", zeros)
+    assert bomb.stat().st_size < 1024 * 1024  # 256 MB of "slide" in well under 1 MB
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(UnsafeArchiveError, match="zip bomb"):
+        extract_slide_archive(bomb, dest, max_total_bytes=40 * 1024**3)
+    assert _folder_bytes(dest) < 10 * 1024 * 1024
+
+
+def test_entries_sharing_one_compressed_stream_are_refused(tmp_path):
+    """The non-recursive bomb: many directory entries pointing at the same data."""
+    path = tmp_path / "overlap.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("series/0.dcm", b"x" * 4096)
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        (info,) = archive.infolist()
+    cd_start = raw.rindex(b"PK\x01\x02")
+    eocd = raw.rindex(b"PK\x05\x06")
+    entry = bytes(raw[cd_start:eocd])
+    twin = entry.replace(b"series/0.dcm", b"series/1.dcm")
+    directory = entry + twin
+    end = bytearray(raw[eocd:])
+    end[8:10] = end[10:12] = (2).to_bytes(2, "little")  # entries on disk, in total
+    end[12:16] = len(directory).to_bytes(4, "little")
+    path.write_bytes(bytes(raw[:cd_start]) + directory + bytes(end))
+    with zipfile.ZipFile(path) as archive:
+        assert [i.header_offset for i in archive.infolist()] == [info.header_offset] * 2
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(UnsafeArchiveError, match="share or overstate"):
+        extract_slide_archive(path, dest, max_total_bytes=40 * 1024**3)
+    assert _folder_bytes(dest) == 0

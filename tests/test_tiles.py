@@ -10,18 +10,16 @@ import pytest
 from PIL import Image
 
 from analysis.heatmap import colormap_lut
-from portal.viewer import tiles
+from portal.viewer import tileservice
 from tests.conftest import shared_slide
 from tests.portal_fixtures import make_case, make_user
 
 
 @pytest.fixture(autouse=True)
 def _fresh_tile_caches():
-    tiles.forget_access()
-    tiles._tile_bytes.clear()
-    tiles._tilers.clear()
+    tileservice.reset_caches()
     yield
-    tiles.forget_access()
+    tileservice.reset_caches()
 
 
 @pytest.fixture
@@ -244,11 +242,9 @@ def _session_of(user) -> str:
 
 @pytest.fixture
 def fast(cmu_case):
-    from portal.viewer import fastpath
-
-    fastpath.forget_sessions()
+    tileservice.reset_caches()
     yield cmu_case
-    fastpath.forget_sessions()
+    tileservice.reset_caches()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -279,16 +275,12 @@ def test_fast_path_refuses_anonymous_forged_and_other_cohort_sessions(path_b, fa
 
 @pytest.mark.django_db(transaction=True)
 def test_fast_path_drops_a_session_once_the_user_is_deactivated(path_a, fast):
-    from portal.viewer import fastpath
-
     slide = fast["slide"]
     session = _session_of(path_a)
     url = f"/slides/{slide.pk}_files/10/0_0.jpeg"
     assert _asgi_get(url, session)["status"] == 200
     path_a.is_active = False
-    path_a.save()
-    fastpath.forget_sessions()  # what ACCESS_TTL_S seconds do by themselves
-    tiles.forget_access()
+    path_a.save()  # revokes cached sessions and grants at once
     assert _asgi_get(url, session)["status"] == 404
 
 
@@ -338,9 +330,9 @@ def test_pretiled_slides_serve_tiles_from_their_folder(client, path_a, cmu_case)
     with OpenSlide(str(slide.path)) as osr:
         dz = DeepZoomGenerator(osr, tile_size=254, overlap=1)
         total = sum(c * r for c, r in dz.level_tiles)
-    assert tiles.pretile(slide.path) == total
-    assert tiles.pretile(slide.path) == 0  # already there
-    on_disk = tiles.disk_tile_path(slide.path, 11, 1, 2)
+    assert tileservice.pretile(slide.path) == total
+    assert tileservice.pretile(slide.path) == 0  # already there
+    on_disk = tileservice.disk_tile_path(slide.path, 11, 1, 2)
     on_disk.write_bytes(b"marker")  # the served bytes must come from the folder
     response = _login(client, path_a).get(f"/slides/{slide.pk}_files/11/1_2.jpeg")
     assert response.content == b"marker"
@@ -348,10 +340,10 @@ def test_pretiled_slides_serve_tiles_from_their_folder(client, path_a, cmu_case)
 
 def test_pretiling_stops_at_the_tile_budget_coarse_levels_first(cmu_case, tmp_path):
     slide = cmu_case["slide"]
-    written = tiles.pretile(slide.path, max_tiles=20)
+    written = tileservice.pretile(slide.path, max_tiles=20)
     assert 0 < written <= 20
-    assert tiles.disk_tile_path(slide.path, 0, 0, 0).is_file()
-    assert not tiles.disk_tile_path(slide.path, 12, 0, 0).exists()
+    assert tileservice.disk_tile_path(slide.path, 0, 0, 0).is_file()
+    assert not tileservice.disk_tile_path(slide.path, 12, 0, 0).exists()
 
 
 def test_cluster_layer_colours_each_cell_by_its_cluster(client, path_a, cmu_case):
@@ -366,7 +358,7 @@ def test_cluster_layer_colours_each_cell_by_its_cluster(client, path_a, cmu_case
     ids = (np.arange(len(grid.grid_rc)) % 3).astype(np.uint8)
     prediction.clusters = ids.tobytes()
     prediction.save()
-    tiles._tilers.clear()
+    tileservice.reset_caches()
     index = len(grid.grid_rc) // 2
     l0_x, l0_y = grid.l0_xy[index] + grid.l0_patch_size / 2
     col, row = int(l0_x // 254), int(l0_y // 254)
@@ -400,6 +392,44 @@ def test_fast_path_stops_serving_at_once_when_membership_is_removed(path_a, fast
     url = f"/slides/{slide.pk}_files/10/0_0.jpeg"
     assert _asgi_get(url, session)["status"] == 200
     Membership.objects.filter(user=path_a).delete()
+    assert _asgi_get(url, session)["status"] == 404
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_membership_removed_in_another_process_stops_tiles_here_at_once(
+    path_a, fast, settings, tmp_path
+):
+    """Another web process removes the member: it shares only the cache with this one."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from portal.cases.models import Membership
+    from tests.conftest import REPO_ROOT
+
+    cache_dir = tmp_path / "shared-cache"
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(cache_dir),
+        }
+    }
+    slide = fast["slide"]
+    session = _session_of(path_a)
+    url = f"/slides/{slide.pk}_files/10/0_0.jpeg"
+    assert _asgi_get(url, session)["status"] == 200  # grant cached in this process
+    # The other process deletes the row (no signal reaches this process) and revokes.
+    Membership.objects.filter(user=path_a)._raw_delete(Membership.objects.db)
+    other = (
+        "import django; django.setup(); from django.conf import settings; "
+        f"settings.CACHES['default'] = {settings.CACHES['default']!r}; "
+        "from portal.viewer import tileservice; tileservice.revoke_grants()"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "portal.settings"}
+    env.pop("REDIS_URL", None)
+    subprocess.run([sys.executable, "-c", other], cwd=REPO_ROOT, env=env, check=True)
+    time.sleep(tileservice.REVOCATION_POLL_S * 2.5)
     assert _asgi_get(url, session)["status"] == 404
 
 

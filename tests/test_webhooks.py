@@ -20,6 +20,12 @@ from portal.integrations.webhooks import MAX_ATTEMPTS, deliver_due, emit, verify
 WEBHOOKS = "/api/v1/integrations/webhooks/"
 
 
+@pytest.fixture(autouse=True)
+def _local_receivers_allowed(settings):
+    """The test receivers listen on loopback, which only an admin's allow-list permits."""
+    settings.LOWMAG_WEBHOOK_ALLOWED_HOSTS = ["127.0.0.1"]
+
+
 class Receiver:
     """An HTTP server on 127.0.0.1 that records every POST and answers ``status``."""
 
@@ -108,7 +114,7 @@ def test_deliveries_wait_while_the_receiver_is_down_and_arrive_once_it_is_back(
         (delivery,) = emit("diagnosis.signed", cohort_a, {"case": 1})
     delivery.refresh_from_db()
     assert (delivery.status, delivery.attempts) == ("pending", 1)
-    assert "ConnectionError" in delivery.last_error
+    assert delivery.last_error == "could not deliver (ConnectionRefusedError)"
     assert deliver_due(now=t0 + timedelta(seconds=30)) == {}  # backoff: not due yet
     assert deliver_due(now=t0 + timedelta(minutes=5)) == {"pending": 1}
     delivery.refresh_from_db()
@@ -132,7 +138,7 @@ def test_delivery_fails_for_good_after_the_last_attempt(integration_a, cohort_a)
             deliver_due(now=now)
     delivery.refresh_from_db()
     assert (delivery.status, delivery.attempts) == ("failed", MAX_ATTEMPTS)
-    assert delivery.last_status_code == 500 and delivery.last_error.startswith("HTTP 500")
+    assert (delivery.last_status_code, delivery.last_error) == (500, "HTTP 500")  # no body
     assert len(receiver.received) == MAX_ATTEMPTS
     assert deliver_due(now=now + timedelta(days=1)) == {}
 
@@ -255,3 +261,139 @@ def test_owner_reads_the_delivery_log_and_deletes_the_webhook(
     ]
     assert client.delete(f"{WEBHOOKS}{hook.pk}/").status_code == 204
     assert not WebhookDelivery.objects.exists()
+
+
+# -- where webhooks may go ---------------------------------------------------------------------
+
+INTERNAL_URLS = [
+    "http://169.254.169.254/latest/meta-data/",
+    "http://metadata.google.internal/computeMetadata/v1/",
+    "http://10.0.0.1/hook",
+    "http://localhost:5432/",
+    "http://127.0.0.1:6379/",
+    "http://[::1]/hook",
+    "http://0.0.0.0/hook",
+    "http://[::ffff:127.0.0.1]/hook",
+    "http://192.168.1.10/hook",
+]
+
+
+@pytest.mark.parametrize("url", INTERNAL_URLS)
+def test_internal_addresses_are_refused_at_registration(
+    settings, api_client_for, integration_a, cohort_a, url
+):
+    settings.LOWMAG_WEBHOOK_ALLOWED_HOSTS = []
+    response = api_client_for(integration_a).post(
+        WEBHOOKS, {"cohort": cohort_a.pk, "url": url, "events": ["diagnosis.signed"]}, format="json"
+    )
+    assert response.status_code == 400
+    assert "url" in response.json()
+    assert not Webhook.objects.exists()
+
+
+@pytest.mark.parametrize("url", INTERNAL_URLS)
+def test_a_stored_internal_address_is_refused_at_delivery_without_retrying(
+    settings, integration_a, cohort_a, url
+):
+    settings.LOWMAG_WEBHOOK_ALLOWED_HOSTS = []
+    make_hook(integration_a, cohort_a, url)
+    emit("diagnosis.signed", cohort_a, {"case": 1})
+    assert deliver_due() == {"failed": 1}
+    delivery = WebhookDelivery.objects.get()
+    assert delivery.last_error.startswith("refused: ")
+    assert delivery.attempts == 1
+
+
+def test_an_admin_allow_list_permits_a_named_internal_receiver(
+    settings, api_client_for, integration_a, cohort_a
+):
+    settings.LOWMAG_WEBHOOK_ALLOWED_HOSTS = ["10.20.0.0/16"]
+    client = api_client_for(integration_a)
+    body = {"cohort": cohort_a.pk, "events": ["diagnosis.signed"]}
+    assert client.post(WEBHOOKS, {**body, "url": "http://10.20.3.4/h"}).status_code == 201
+    assert client.post(WEBHOOKS, {**body, "url": "http://10.21.3.4/h"}).status_code == 400
+
+
+class TricklingReceiver:
+    """Answers a status line, then one header byte every 0.2 s for ``seconds``."""
+
+    def __init__(self, seconds: float = 20.0) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+        self.seconds = seconds
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn) -> None:
+        with conn:
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(int(self.seconds / 0.2)):
+                    if self.stop.wait(0.2):
+                        return
+                    conn.sendall(b"a")
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def test_a_trickling_receiver_does_not_hold_the_amend_request(
+    settings, api_client_for, integration_a, path_a, case_a, django_capture_on_commit_callbacks
+):
+    import time
+
+    from portal.reviews import signing
+    from portal.reviews.models import Diagnosis
+    from tests.portal_fixtures import PASSWORD
+
+    settings.LOWMAG_TASK_MODE = "celery"  # deliveries go to the cpu queue (no worker here)
+    receiver = TricklingReceiver()
+    try:
+        make_hook(integration_a, case_a.cohort, receiver.url, events=["diagnosis.amended"])
+        draft = Diagnosis.objects.create(case=case_a, author=path_a, call="tumor")
+        signing.sign(draft, path_a)
+        started = time.monotonic()
+        with django_capture_on_commit_callbacks(execute=True):
+            response = api_client_for(path_a).post(
+                f"/api/v1/diagnoses/{draft.pk}/amend/",
+                {"password": PASSWORD, "reason": "re-read"},
+                format="json",
+            )
+        elapsed = time.monotonic() - started
+    finally:
+        receiver.close()
+    assert response.status_code == 201
+    assert elapsed < 1.0
+    assert WebhookDelivery.objects.get().status == "pending"  # in the outbox
+
+
+def test_a_delivery_gives_up_after_the_total_time_limit(monkeypatch, integration_a, cohort_a):
+    import time
+
+    from portal.integrations import webhooks
+
+    monkeypatch.setattr(webhooks, "TOTAL_TIMEOUT_S", 1.0)
+    receiver = TricklingReceiver()
+    try:
+        make_hook(integration_a, cohort_a, receiver.url)
+        emit("diagnosis.signed", cohort_a, {"case": 1})
+        started = time.monotonic()
+        assert deliver_due() == {"pending": 1}
+        elapsed = time.monotonic() - started
+    finally:
+        receiver.close()
+    assert elapsed < 3.0
+    assert WebhookDelivery.objects.get().last_error == "no answer within 1 s"

@@ -34,6 +34,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", default="gltrans", choices=["gltrans", "abmil", "clam_sb", "transmil"]
     )
     parser.add_argument("--folds", type=int, default=10)
+    parser.add_argument(
+        "--test-list",
+        type=Path,
+        help="CSV with a slide_id column: a fixed test set (e.g. CAMELYON16's official one); "
+        "the other slides get --repeats patient-level train/validation splits",
+    )
+    parser.add_argument("--repeats", type=int, default=10, help="splits with --test-list")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.1, help="validation patients with --test-list"
+    )
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -56,11 +66,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analysis.devices import resolve_device
-    from analysis.evaluate import crossval
+    from analysis.evaluate import crossval, fixed_test_splits
     from analysis.train import TrainConfig
 
     bags, classes = load_bags(args.features, args.labels)
     mil_config = _parse_mil_config(args.mil_config)
+    splits = None
+    if args.test_list is not None:
+        test = read_test_list(args.test_list, bags, args.labels)
+        try:
+            splits = fixed_test_splits(bags, test, args.repeats, args.val_fraction, args.seed)
+        except ValueError as exc:
+            raise AnalysisError(f"--test-list {args.test_list}: {exc}") from exc
     train_cfg = TrainConfig(
         lr=args.lr,
         epochs=args.epochs,
@@ -82,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             classes=classes,
             n_bootstrap=args.bootstrap,
             split_seed=args.seed,
+            splits=splits,
         )
     except ValueError as exc:
         raise AnalysisError(f"cross-validation of {args.model} failed: {exc}") from exc
@@ -131,7 +149,39 @@ def read_labels(path: Path) -> list[dict[str, str]]:
                 f"labels file {path}, line {line}: slide {row['slide_id']} is listed twice"
             )
         seen.add(row["slide_id"])
+    classes_of: dict[str, set[str]] = {}
+    for row in rows:
+        classes_of.setdefault(row["patient_id"], set()).add(row["label"])
+    for patient, labels in classes_of.items():
+        if len(labels) > 1:
+            raise AnalysisError(
+                f"labels file {path}: patient {patient} has slides in {len(labels)} classes "
+                f"({', '.join(sorted(labels))}); a patient's slides must share one label"
+            )
     return rows
+
+
+def read_test_list(path: Path, bags: list[Any], labels_csv: Path) -> list[int]:
+    """Indices of the bags named in a test-list CSV (a ``slide_id`` column)."""
+    try:
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if "slide_id" not in (reader.fieldnames or []):
+                raise AnalysisError(f"test list {path} has no slide_id column")
+            names = [(row.get("slide_id") or "").strip() for row in reader]
+    except OSError as exc:
+        raise AnalysisError(f"cannot read test list {path}: {exc.strerror}") from exc
+    names = [n for n in names if n]
+    if not names:
+        raise AnalysisError(f"test list {path} names no slides")
+    index = {str(bag.slide_id): i for i, bag in enumerate(bags)}
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        raise AnalysisError(
+            f"test list {path} names {len(unknown)} slide(s) not in {labels_csv}, e.g. "
+            f"{unknown[0]}; every test slide needs a label"
+        )
+    return sorted({index[n] for n in names})
 
 
 def load_bags(features_dir: Path, labels_csv: Path) -> tuple[list[Any], list[str]]:
@@ -141,13 +191,18 @@ def load_bags(features_dir: Path, labels_csv: Path) -> tuple[list[Any], list[str
     rows = read_labels(labels_csv)
     classes = sorted({row["label"] for row in rows}, key=_class_sort_key)
     bags = []
+    missing = [
+        row["slide_id"] for row in rows if not (features_dir / f"{row['slide_id']}.h5").is_file()
+    ]
+    if missing:
+        first = features_dir / f"{missing[0]}.h5"
+        raise AnalysisError(
+            f"no feature file {first} for slide {missing[0]} listed in {labels_csv}"
+            + (f" (and {len(missing) - 1} more slides)" if len(missing) > 1 else "")
+            + "; extract their features or remove them from the labels file"
+        )
     for row in rows:
         path = features_dir / f"{row['slide_id']}.h5"
-        if not path.is_file():
-            raise AnalysisError(
-                f"no feature file {path} for slide {row['slide_id']} listed in {labels_csv}; "
-                "extract its features or remove it from the labels file"
-            )
         features, grid_rc = read_feature_file(path)
         bags.append(
             Bag(features, grid_rc, classes.index(row["label"]), row["slide_id"], row["patient_id"])
@@ -163,11 +218,14 @@ def _class_sort_key(name: str) -> tuple[int, float | str]:
         return (1, name)
 
 
-def read_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, D) float32, grid_rc (N, 2) int64) from one slide's HDF5 file (ours or CLAM's)."""
+def read_feature_file(path: Path) -> tuple[Any, np.ndarray]:
+    """(features (N, D), grid_rc (N, 2) int64) of one slide's HDF5 file (ours or CLAM's).
+
+    The features stay in the file (``H5Features``) until a bag is trained on or predicted.
+    """
     from analysis.features import load_h5
 
-    features = load_h5(path)
+    features = load_h5(path, lazy=True)
     if features.features.ndim != 2 or features.grid_rc.shape != (len(features.features), 2):
         raise AnalysisError(
             f"{path}: features {features.features.shape} and grid {features.grid_rc.shape} do not "

@@ -24,11 +24,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--teacher", type=Path, help="teacher weights (.pth/.safetensors)")
     train.add_argument("--encoder", default="resnet50_trunc")
     train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--patches-per-slide", type=int, default=512)
+    train.add_argument(
+        "--pairs-per-slide",
+        "--patches-per-slide",
+        dest="pairs_per_slide",
+        type=int,
+        default=512,
+        help="tissue cells sampled per slide (seeded)",
+    )
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=1e-4)
     train.add_argument("--max-steps", type=int, help="cap on steps per epoch")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--workers", type=int, default=2, help="pair-reading worker processes")
+    train.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto")
+    train.add_argument(
+        "--pair-cache",
+        action="store_true",
+        help="cache both reads of every pair under OUT/pairs (~200 KB per 5x pair) instead of "
+        "reading the slides while training",
+    )
+    train.add_argument("--mpp", type=float, help="level-0 µm/px for slides that carry none")
     train.add_argument("--threads", type=int, help="torch CPU threads")
     train.add_argument("--device", help=DEVICE_HELP)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -49,6 +65,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.add_argument("-o", "--out", required=True, type=Path, help="output .h5")
     extract.set_defaults(handler=extract_command)
 
+    cohort = subparsers.add_parser(
+        "extract-cohort",
+        help="encode every slide of a folder to OUT/<slide id>.h5 (skips slides already done)",
+    )
+    cohort.add_argument("--slides", required=True, type=Path, help="folder of whole-slide images")
+    cohort.add_argument("--mag", type=float, default=5.0, help="read magnification")
+    cohort.add_argument("--encoder", default="resnet50_trunc")
+    cohort.add_argument("--weights", type=Path, help="encoder weights (.pth/.safetensors)")
+    cohort.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto")
+    cohort.add_argument("--batch-size", type=int, default=64)
+    cohort.add_argument("--min-tissue", type=float, default=0.25)
+    cohort.add_argument("--mpp", type=float, help="level-0 µm/px for slides that carry none")
+    cohort.add_argument("--threads", type=int, help="torch CPU threads")
+    cohort.add_argument("--device", help=DEVICE_HELP)
+    cohort.add_argument("-o", "--out", required=True, type=Path, help="feature folder")
+    cohort.set_defaults(handler=extract_cohort_command)
+
 
 def find_slides(folder: Path) -> list[Path]:
     """Whole-slide files directly in ``folder`` (sorted), by extension."""
@@ -66,20 +99,42 @@ def train_maga_command(args: argparse.Namespace) -> int:
     import torch
 
     from analysis.devices import resolve_device
-    from analysis.maga import MagaConfig, build_pair_cache, train_maga
+    from analysis.maga import (
+        MagaConfig,
+        PairSource,
+        SlidePairs,
+        build_pair_cache,
+        init_distributed,
+        train_maga,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
     slides = find_slides(args.slides)
-    cache = build_pair_cache(
-        slides,
-        args.out / "pairs",
-        low_mag=args.mag,
-        high_mag=args.high_mag,
-        max_patches_per_slide=args.patches_per_slide,
-        seed=args.seed,
-        log=_log,
-    )
+    device = init_distributed() or resolve_device(args.device)
+    pairs: PairSource
+    if args.pair_cache and args.mpp:
+        raise AnalysisError("--mpp works with slides read while training; drop --pair-cache")
+    if args.pair_cache:
+        pairs = build_pair_cache(
+            slides,
+            args.out / "pairs",
+            low_mag=args.mag,
+            high_mag=args.high_mag,
+            max_patches_per_slide=args.pairs_per_slide,
+            seed=args.seed,
+            log=_log,
+        )
+    else:
+        pairs = SlidePairs(
+            slides,
+            low_mag=args.mag,
+            high_mag=args.high_mag,
+            pairs_per_slide=args.pairs_per_slide,
+            seed=args.seed,
+            log=_log,
+            mpp=args.mpp,
+        )
     config = MagaConfig(
         encoder=args.encoder,
         epochs=args.epochs,
@@ -87,9 +142,11 @@ def train_maga_command(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         max_steps_per_epoch=args.max_steps,
-        device=resolve_device(args.device),
+        device=device,
+        workers=args.workers,
+        precision=args.precision,
     )
-    result = train_maga(cache, args.out, config, args.teacher, resume=args.resume, log=_log)
+    result = train_maga(pairs, args.out, config, args.teacher, resume=args.resume, log=_log)
     print(json.dumps({"student": str(result.student_path), "alignment": result.alignment}))
     return 0
 
@@ -119,6 +176,31 @@ def extract_command(args: argparse.Namespace) -> int:
         features = extract_features(slide, grid, encoder, args.mag, batch_size=args.batch_size)
     save_h5(args.out, features)
     print(f"{args.out}: {len(features)} patches x {encoder.dim} features at {args.mag:g}x")
+    return 0
+
+
+def extract_cohort_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from analysis.cohort import ExtractSettings, extract_cohort
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.weights is not None and not args.weights.is_file():
+        raise AnalysisError(f"weight file {args.weights} does not exist: check the path")
+    settings = ExtractSettings(
+        mag=args.mag,
+        encoder=args.encoder,
+        weights=str(args.weights) if args.weights else None,
+        precision=args.precision,
+        device=args.device,
+        batch_size=args.batch_size,
+        min_tissue=args.min_tissue,
+        mpp=args.mpp,
+    )
+    results = extract_cohort(find_slides(args.slides), args.out, settings, log=_log)
+    done = sum(r["status"] == "extracted" for r in results)
+    print(f"{args.out}: {done} slide(s) extracted, {len(results) - done} already there")
     return 0
 
 

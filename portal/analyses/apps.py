@@ -7,4 +7,4 @@ class AnalysesConfig(AppConfig):
 
     def ready(self) -> None:
         # Tasks outside tasks.py, so that workers know them.
-        from portal.analyses import shadow, training  # noqa: F401
+        from portal.analyses import extraction, shadow, training  # noqa: F401

@@ -9,6 +9,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
 from portal.api.models import ApiToken, hash_token
+from portal.reviews import audit
 
 # last_used_at is written at most this often per token, so reads stay reads.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -29,7 +30,25 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
             raw = header[1].decode("ascii")
         except UnicodeDecodeError as exc:
             raise exceptions.AuthenticationFailed("The token contains invalid characters.") from exc
-        return self._authenticate_raw(raw)
+        return self.authenticate_or_throttle(request, raw)
+
+    def authenticate_or_throttle(self, request, raw: str):
+        try:
+            return self._authenticate_raw(raw)
+        except exceptions.AuthenticationFailed:
+            self._count_wrong_token(request)
+            raise
+
+    @staticmethod
+    def _count_wrong_token(request) -> None:
+        from portal.core.throttle import WrongTokenThrottle
+
+        throttle = WrongTokenThrottle()
+        if not throttle.allow_request(request, None):
+            raise exceptions.Throttled(
+                throttle.wait(), "Too many wrong tokens from this address; wait and retry."
+            )
+        audit.record(None, "auth.token_failed", request=request)
 
     def _authenticate_raw(self, raw: str):
         token = ApiToken.objects.select_related("user").filter(key_hash=hash_token(raw)).first()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from django.contrib.auth import get_user_model
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -103,6 +105,14 @@ class CaseIdentityAmendSerializer(serializers.Serializer):
         return value
 
 
+_SERVER_PATH = re.compile(r"(?<![\w:/.])(?:/[^/\s'\"():,;]+)+/([^/\s'\"():,;]+)")
+
+
+def without_server_paths(text: str) -> str:
+    """``/srv/lowmag/slides/7/a.svs`` -> ``a.svs``: messages name files, never server paths."""
+    return _SERVER_PATH.sub(r"\1", text or "")
+
+
 class SlideSerializer(serializers.ModelSerializer):
     cohort = serializers.IntegerField(source="case.cohort_id", read_only=True)
 
@@ -111,13 +121,21 @@ class SlideSerializer(serializers.ModelSerializer):
         exclude = ["file"]
         read_only_fields = [f.name for f in Slide._meta.fields if f.name != "file"]
 
+    def to_representation(self, slide: Slide) -> dict:
+        data = super().to_representation(slide)
+        data["failure_reason"] = without_server_paths(data.get("failure_reason", ""))
+        return data
+
 
 class ModelVersionSerializer(serializers.ModelSerializer):
     class Meta:
         model = ModelVersion
         # The validation report names cases of one cohort: it is shown on the model card only.
-        exclude = ["report"]
-        read_only_fields = [f.name for f in ModelVersion._meta.fields if f.name != "report"]
+        # Where the bundle lies on the server is nobody's business outside it.
+        exclude = ["report", "bundle_path"]
+        read_only_fields = [
+            f.name for f in ModelVersion._meta.fields if f.name not in ("report", "bundle_path")
+        ]
 
 
 class ActivateModelSerializer(serializers.Serializer):
@@ -137,6 +155,11 @@ class AnalysisJobSerializer(serializers.ModelSerializer):
         model = AnalysisJob
         fields = "__all__"
         read_only_fields = [f.name for f in AnalysisJob._meta.fields]
+
+    def to_representation(self, job: AnalysisJob) -> dict:
+        data = super().to_representation(job)
+        data["error"] = without_server_paths(data.get("error", ""))
+        return data
 
 
 class PredictionSerializer(serializers.ModelSerializer):
@@ -212,10 +235,23 @@ class AnnotationSerializer(serializers.ModelSerializer):
             "classification",
             "version",
             "deleted",
+            "locked",
             "created_at",
             "updated_at",
         ]
         read_only_fields = ["version", "deleted", "created_at", "updated_at"]
+
+    locked = serializers.SerializerMethodField(
+        help_text="null, or why the annotation cannot change (its case is signed)."
+    )
+
+    def get_locked(self, annotation: Annotation) -> str | None:
+        from portal.reviews.signing import ANNOTATIONS_LOCKED, is_signed
+
+        signed = getattr(annotation, "case_signed", None)
+        if signed is None:
+            signed = is_signed(annotation.slide.case)
+        return ANNOTATIONS_LOCKED if signed else None
 
     def to_representation(self, annotation: Annotation) -> dict:
         data = super().to_representation(annotation)
@@ -354,6 +390,9 @@ class SecondOpinionSerializer(serializers.ModelSerializer):
     assigned_to = serializers.PrimaryKeyRelatedField(
         queryset=User.objects.filter(is_active=True), required=False, allow_null=True
     )
+    # One answer for "no such user" and "not a pathologist of this cohort": user ids of other
+    # cohorts cannot be probed through this field.
+    NOT_ASSIGNABLE = "The assignee must be a pathologist of the case's cohort."
 
     class Meta:
         model = SecondOpinionRequest
@@ -370,6 +409,14 @@ class SecondOpinionSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = ["diagnosis", "status", "created_at", "closed_at"]
 
+    def to_internal_value(self, data):
+        try:
+            return super().to_internal_value(data)
+        except serializers.ValidationError as exc:
+            if isinstance(exc.detail, dict) and "assigned_to" in exc.detail:
+                exc.detail["assigned_to"] = [self.NOT_ASSIGNABLE]
+            raise
+
     def validate(self, attrs: dict) -> dict:
         case = attrs.get("case") or getattr(self.instance, "case", None)
         assignee = attrs.get("assigned_to")
@@ -378,9 +425,7 @@ class SecondOpinionSerializer(serializers.ModelSerializer):
                 user=assignee, cohort_id=case.cohort_id, role=PATHOLOGIST
             ).exists()
             if not member:
-                raise serializers.ValidationError(
-                    {"assigned_to": "The assignee must be a pathologist of the case's cohort."}
-                )
+                raise serializers.ValidationError({"assigned_to": self.NOT_ASSIGNABLE})
         return attrs
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from django.contrib.auth import authenticate, login, logout
 from django.db import transaction
+from django.db.models import OuterRef
 from django.middleware.csrf import get_token
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import (
@@ -20,9 +21,11 @@ from drf_spectacular.utils import (
     inline_serializer,
 )
 from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.exceptions import PermissionDenied, Throttled, ValidationError
 from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -40,6 +43,14 @@ from portal.cases.models import Case, Cohort, Slide
 from portal.cases.worklist import DEFAULT_QUEUE, QUEUES, UnknownQueue, worklist
 from portal.reviews import audit, geojson, signing
 from portal.reviews.models import Annotation, AuditEvent, Diagnosis, SecondOpinionRequest
+
+
+class FhirJSONRenderer(JSONRenderer):
+    """FHIR's own media type, for clients that ask with ``Accept: application/fhir+json``."""
+
+    media_type = "application/fhir+json"
+    format = "fhir"
+
 
 DETAIL = inline_serializer("Detail", {"detail": serializers.CharField()})
 INVALID = OpenApiResponse(
@@ -151,7 +162,12 @@ class CaseViewSet(viewsets.ModelViewSet):
             409: DETAIL,
         }
     )
-    @action(detail=True, methods=["get"], url_path="fhir")
+    @action(
+        detail=True,
+        methods=["get"],
+        url_path="fhir",
+        renderer_classes=[JSONRenderer, FhirJSONRenderer],
+    )
     def fhir(self, request, pk=None):
         """FHIR R4 DiagnosticReport of a signed case."""
         case = self.get_object()
@@ -321,12 +337,31 @@ class AnnotationViewSet(viewsets.ModelViewSet):
     ordering_fields = ["created_at", "updated_at"]
 
     def get_queryset(self):
-        annotations = Annotation.objects.select_related("author", "slide")
+        annotations = Annotation.objects.select_related("author", "slide").annotate(
+            case_signed=signing.signed_case_exists(OuterRef("slide__case"))
+        )
         if self.action == "list" and self.request.query_params.get("include_deleted") != "true":
             annotations = annotations.filter(deleted=False)
         return visible(annotations, self.request.user, "slide__case__cohort")
 
+    @staticmethod
+    def _check_unlocked(slide: Slide) -> None:
+        if signing.is_signed(slide.case_id):
+            raise Conflict(signing.ANNOTATIONS_LOCKED)
+
+    def _audit(self, action: str, annotation: Annotation) -> None:
+        audit.record(
+            self.request.user,
+            action,
+            annotation,
+            case=annotation.slide.case,
+            request=self.request,
+            slide=annotation.slide_id,
+            version=annotation.version,
+        )
+
     def _check_author(self, annotation: Annotation) -> None:
+        self._check_unlocked(annotation.slide)
         if annotation.author_id != self.request.user.pk and not is_admin(self.request.user):
             raise PermissionDenied("Only the annotation's author (or an admin) can change it.")
         if annotation.deleted:
@@ -341,15 +376,18 @@ class AnnotationViewSet(viewsets.ModelViewSet):
     def perform_create(self, serializer):
         slide = serializer.validated_data["slide"]
         require_role(self.request.user, slide.case.cohort_id, self.write_roles, "annotate")
+        self._check_unlocked(slide)
         with transaction.atomic():
             annotation = serializer.save(author=self.request.user)
             annotation.snapshot(self.request.user)
+            self._audit("annotation.create", annotation)
 
     def perform_update(self, serializer):
         self._check_author(serializer.instance)
         with transaction.atomic():
             annotation = serializer.save(version=serializer.instance.version + 1)
             annotation.snapshot(self.request.user)
+            self._audit("annotation.update", annotation)
 
     def perform_destroy(self, annotation):
         self._check_author(annotation)
@@ -358,6 +396,7 @@ class AnnotationViewSet(viewsets.ModelViewSet):
             annotation.version += 1
             annotation.save(update_fields=["deleted", "version", "updated_at"])
             annotation.snapshot(self.request.user)
+            self._audit("annotation.delete", annotation)
 
     @extend_schema(responses=s.AnnotationVersionSerializer(many=True))
     @action(detail=True, methods=["get"], pagination_class=None, filter_backends=[])
@@ -384,6 +423,7 @@ class AnnotationViewSet(viewsets.ModelViewSet):
         """Create one annotation per feature of a GeoJSON FeatureCollection (all or nothing)."""
         slide = self._slide_from_query()
         require_role(request.user, slide.case.cohort_id, self.write_roles, "annotate")
+        self._check_unlocked(slide)
         bounds = (slide.width, slide.height) if slide.width else None
         try:
             parsed = [
@@ -500,6 +540,16 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
         signing.check_draft_editable(diagnosis, self.request.user)
         diagnosis.delete()
 
+    def _check_password(self, password: str) -> None:
+        """The signer's own password; wrong ones count towards the account's lockout."""
+        user = self.request.user
+        http_request = self.request._request
+        checked = authenticate(http_request, username=user.get_username(), password=password)
+        if getattr(http_request, "axes_locked_out", False):
+            raise Throttled(detail="Too many wrong passwords: this account is locked for now.")
+        if checked is None or checked.pk != user.pk:
+            raise PermissionDenied("The password is not correct; signing needs your own password.")
+
     @staticmethod
     def _locked(diagnosis: Diagnosis) -> Diagnosis:
         return Diagnosis.objects.select_for_update().get(pk=diagnosis.pk)
@@ -513,6 +563,7 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
         """Sign a draft (re-enter your password). Signed diagnoses never change again."""
         body = s.SignSerializer(data=request.data)
         body.is_valid(raise_exception=True)
+        self._check_password(body.validated_data["password"])  # a failure must be kept
         with transaction.atomic():
             diagnosis = self._locked(self.get_object())
             require_role(request.user, diagnosis.case.cohort_id, self.write_roles, "sign diagnoses")
@@ -531,6 +582,7 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
         body = s.AmendSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         content = dict(body.validated_data)
+        self._check_password(content["password"])  # a failure must be kept
         with transaction.atomic():
             previous = self.get_object()
             require_role(request.user, previous.case.cohort_id, self.write_roles, "amend diagnoses")
@@ -684,16 +736,29 @@ class AuditEventViewSet(viewsets.ReadOnlyModelViewSet):
 
 
 class LoginView(APIView):
-    """Session login for the browser: JSON ``{username, password}``; sets the session cookie."""
+    """Session login for the browser: JSON ``{username, password}``; sets the session cookie.
+
+    Like every unsafe request with a session, it needs the CSRF token: ``GET`` this endpoint
+    first for the ``csrftoken`` cookie and send it back as ``X-CSRFToken``.
+    """
 
     permission_classes = [AllowAny]
     authentication_classes: list = []
 
-    @extend_schema(request=s.LoginSerializer, responses={200: s.MeSerializer, 400: INVALID})
+    @extend_schema(request=None, responses={200: DETAIL})
+    def get(self, request):
+        get_token(request)
+        return Response({"detail": "CSRF cookie set; POST username and password with X-CSRFToken."})
+
+    @extend_schema(
+        request=s.LoginSerializer,
+        responses={200: s.MeSerializer, 400: INVALID, 403: DETAIL, 429: DETAIL},
+    )
     def post(self, request):
+        SessionAuthentication().enforce_csrf(request)
         body = s.LoginSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        user = authenticate(request, **body.validated_data)
+        user = authenticate(request._request, **body.validated_data)
         if user is None:
             raise ValidationError({"detail": "Invalid username or password."})
         login(request, user)

@@ -8,7 +8,8 @@ One self-contained resource (Patient, Specimen, Practitioner, Device and Observa
 - ``status``: ``final``, or ``amended`` when the signed diagnosis amends an earlier one.
 - ``conclusion``: the signed diagnosis text; ``conclusionCode``: the class the pathologist
   called (text only: cohort classes have no standard code).
-- ``result``: one Observation per AI prediction on the case's slides: predicted class as the
+- ``result``: one Observation per AI prediction the signer saw (the diagnosis' snapshot of
+  the AI suggestion; a slide or analysis arriving after sign-off waits for an amendment): predicted class as the
   value, each class probability as a component, the model (name, version) as a contained
   Device and its bundle checksum in a note.
 - ``issued``: when the diagnosis was signed; ``performer`` and ``resultsInterpreter``: the
@@ -61,12 +62,15 @@ def signed_diagnosis(case: Case) -> Diagnosis:
 def diagnostic_report(case: Case) -> dict:
     """The signed report of ``case`` as a FHIR R4 DiagnosticReport (JSON-ready dict)."""
     diagnosis = signed_diagnosis(case)
+    # Only what the pathologist saw when signing: a slide or analysis that arrives later is an
+    # addendum, reported when the diagnosis is amended, never slipped into this report.
     predictions = list(
-        Prediction.objects.filter(slide__case=case)
+        _signed_predictions(diagnosis, case)
         .select_related("model_version", "slide")
         .order_by("slide_id", "id")
     )
-    contained = [_patient(case), _specimen(case), _practitioner(diagnosis.signed_by)]
+    slides = case.slides.filter(created_at__lte=diagnosis.signed_at).order_by("id")
+    contained = [_patient(case), _specimen(case, slides), _practitioner(diagnosis.signed_by)]
     contained += _devices(predictions)
     observations = [_observation(p) for p in predictions]
     contained += observations
@@ -91,6 +95,16 @@ def diagnostic_report(case: Case) -> dict:
     return report
 
 
+def _signed_predictions(diagnosis: Diagnosis, case: Case):
+    """The predictions the signer saw: the diagnosis' AI snapshot, or (for a diagnosis signed
+    without one) those that existed when it was signed."""
+    predictions = Prediction.objects.filter(slide__case=case)
+    if diagnosis.ai_suggestion is None:
+        return predictions.filter(created_at__lte=diagnosis.signed_at)
+    slides = diagnosis.ai_suggestion.get("slides", [])
+    return predictions.filter(pk__in=[s["prediction"] for s in slides if "prediction" in s])
+
+
 def _accession_identifier(case: Case) -> dict:
     return {
         "type": {"coding": [ACCESSION_TYPE]},
@@ -112,8 +126,8 @@ def _patient(case: Case) -> dict:
     }
 
 
-def _specimen(case: Case) -> dict:
-    slide_names = [s.original_name for s in case.slides.order_by("id")]
+def _specimen(case: Case, slides) -> dict:
+    slide_names = [s.original_name for s in slides]
     specimen = {
         "resourceType": "Specimen",
         "id": "specimen",

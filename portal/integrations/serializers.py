@@ -9,6 +9,7 @@ from rest_framework import serializers
 from portal.api.serializers import VisibleRelatedField
 from portal.cases.access import INTEGRATION
 from portal.cases.models import Cohort
+from portal.integrations import destinations
 from portal.integrations.models import EVENTS, Webhook, WebhookDelivery
 
 
@@ -28,6 +29,10 @@ class WebhookSerializer(serializers.ModelSerializer):
     def validate_url(self, value: str) -> str:
         if urlsplit(value).scheme not in ("http", "https"):
             raise serializers.ValidationError("Only http and https URLs can receive webhooks.")
+        try:
+            destinations.check_registration(value)
+        except destinations.UnsafeDestinationError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
         return value
 
     def validate_events(self, value: list[str]) -> list[str]:

@@ -1,7 +1,11 @@
-"""Signed webhook deliveries with retries.
+"""Signed webhook deliveries with retries, through an outbox.
 
-``emit(event, cohort, payload)`` records one delivery per subscribed webhook and tries each
-once the surrounding transaction commits. A delivery is an HTTP POST of JSON::
+``emit(event, cohort, payload)`` records one delivery per subscribed webhook (the outbox
+rows); once the surrounding transaction commits, a task on the ``cpu`` queue
+(``portal.integrations.tasks.deliver_webhooks``) tries each, so a slow receiver never holds
+a user's request. Each attempt connects to an address ``destinations.resolve`` allowed and
+gives up after ``TOTAL_TIMEOUT_S`` whatever the receiver does; the log keeps the status code
+and a short reason, never the receiver's answer. A delivery is an HTTP POST of JSON::
 
     {"id": <delivery id>, "event": "...", "cohort": "<slug>", "created_at": "...", "data": {...}}
 
@@ -18,23 +22,27 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
+import socket
+import ssl
+import threading
 import time
 from collections import Counter
 from datetime import datetime, timedelta
-from urllib.parse import urlsplit
 
-import requests
+from celery import shared_task
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from portal.cases.models import Cohort, Membership
+from portal.integrations import destinations
 from portal.integrations.models import EVENTS, Webhook, WebhookDelivery
 
 MAX_ATTEMPTS = 8
-TIMEOUT_S = 5.0
+TIMEOUT_S = 5.0  # connecting, and each read
+TOTAL_TIMEOUT_S = 10.0  # the whole attempt, however the receiver trickles
 BACKOFF_BASE = timedelta(minutes=1)  # 1, 2, 4, ... minutes between attempts
 BACKOFF_CAP = timedelta(hours=6)
 CLAIM_LEASE = timedelta(minutes=2)  # a claimed delivery is not picked up again meanwhile
@@ -81,8 +89,20 @@ def emit(
     ]
     ids = [d.pk for d in deliveries]
     if ids:
-        transaction.on_commit(lambda: _attempt_new(ids))
+        from portal.core.dispatch import dispatch
+
+        dispatch(deliver_webhooks, ids)
     return deliveries
+
+
+@shared_task(
+    name="portal.integrations.tasks.deliver_webhooks",  # routed to the cpu queue
+    acks_late=True,
+    ignore_result=True,
+)
+def deliver_webhooks(delivery_ids: list[int]) -> None:
+    """Attempt the new deliveries once; later attempts come from ``deliver_due``."""
+    attempt_new(delivery_ids)
 
 
 def deliver_due(now: datetime | None = None, limit: int = 100) -> dict[str, int]:
@@ -105,7 +125,7 @@ def deliver_due(now: datetime | None = None, limit: int = 100) -> dict[str, int]
 def attempt(delivery: WebhookDelivery, now: datetime | None = None) -> str:
     """POST the delivery once and record the outcome; returns the new status."""
     now = now or timezone.now()
-    status_code, error = _post(delivery)
+    status_code, error, final = _post(delivery)
     delivery.attempts += 1
     delivery.last_status_code = status_code
     delivery.last_error = error
@@ -113,7 +133,7 @@ def attempt(delivery: WebhookDelivery, now: datetime | None = None) -> str:
         delivery.status = WebhookDelivery.DELIVERED
         delivery.delivered_at = now
         delivery.next_attempt_at = None
-    elif delivery.attempts >= MAX_ATTEMPTS:
+    elif final or delivery.attempts >= MAX_ATTEMPTS:
         delivery.status = WebhookDelivery.FAILED
         delivery.next_attempt_at = None
     else:
@@ -138,7 +158,7 @@ def body_of(delivery: WebhookDelivery) -> bytes:
     return json.dumps(envelope, cls=DjangoJSONEncoder, separators=(",", ":")).encode("utf-8")
 
 
-def _attempt_new(ids: list[int]) -> None:
+def attempt_new(ids: list[int]) -> None:
     now = timezone.now()
     pending = WebhookDelivery.objects.filter(pk__in=ids, status=WebhookDelivery.PENDING)
     for delivery in pending.select_related("webhook__cohort"):
@@ -158,14 +178,16 @@ def _claim(delivery: WebhookDelivery, now: datetime) -> bool:
     return won == 1
 
 
-def _post(delivery: WebhookDelivery) -> tuple[int | None, str]:
-    """(HTTP status or None, error text; empty when delivered)."""
-    url = delivery.webhook.url
-    if urlsplit(url).scheme not in ("http", "https"):
-        return None, f"refused: {url!r} is not an http(s) URL"
+def _post(delivery: WebhookDelivery) -> tuple[int | None, str, bool]:
+    """(HTTP status or None, error text (empty when delivered), whether retrying is futile)."""
+    try:
+        destination = destinations.resolve(delivery.webhook.url)
+    except destinations.UnsafeDestinationError as exc:
+        return None, f"refused: {exc}"[:500], True
     body = body_of(delivery)
     timestamp = int(time.time())
     headers = {
+        "Host": destination.host_header,
         "Content-Type": "application/json",
         "User-Agent": "LowMag-Webhooks/1",
         "X-LowMag-Event": delivery.event,
@@ -174,20 +196,52 @@ def _post(delivery: WebhookDelivery) -> tuple[int | None, str]:
         "X-LowMag-Signature": sign(delivery.webhook.secret, timestamp, body),
     }
     try:
-        with requests.post(
-            url, data=body, headers=headers, timeout=TIMEOUT_S, allow_redirects=False, stream=True
-        ) as response:
-            code = response.status_code
-            excerpt = "" if 200 <= code < 300 else _excerpt(response)
-    except requests.RequestException as exc:
-        return None, f"{exc.__class__.__name__}: {exc}"[:1000]
-    return code, (f"HTTP {code}: {excerpt}" if not 200 <= code < 300 else "")
+        code = send(destination, body, headers)
+    except TimeoutError:
+        return None, f"no answer within {TOTAL_TIMEOUT_S:g} s", False
+    except (OSError, http.client.HTTPException) as exc:
+        return None, f"could not deliver ({exc.__class__.__name__})", False
+    return code, ("" if 200 <= code < 300 else f"HTTP {code}"), False
 
 
-def _excerpt(response: requests.Response, limit: int = 300) -> str:
-    """The start of an error answer (never the whole body of a misbehaving receiver)."""
+def send(destination: destinations.Destination, body: bytes, headers: dict) -> int:
+    """POST to the checked address; the status code. Raises ``TimeoutError`` once
+    ``TOTAL_TIMEOUT_S`` has passed, even while the receiver is still trickling bytes."""
+    expired = threading.Event()
+    current: dict[str, socket.socket] = {}
+
+    def cut_off() -> None:
+        expired.set()
+        sock = current.get("sock")
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(TOTAL_TIMEOUT_S, cut_off)
+    timer.daemon = True
+    timer.start()
     try:
-        raw = response.raw.read(limit, decode_content=True) or b""
-    except Exception:  # noqa: BLE001 - the status code is what matters
-        return ""
-    return raw.decode("utf-8", "replace")
+        current["sock"] = socket.create_connection(
+            (destination.address, destination.port), timeout=TIMEOUT_S
+        )
+        if destination.scheme == "https":
+            context = ssl.create_default_context()
+            current["sock"] = context.wrap_socket(current["sock"], server_hostname=destination.host)
+        connection = http.client.HTTPConnection(destination.host, destination.port)
+        connection.sock = current["sock"]
+        try:
+            connection.request("POST", destination.target, body=body, headers=headers)
+            status = connection.getresponse().status  # the body is never read
+        finally:
+            connection.close()
+    except (OSError, http.client.HTTPException):
+        if expired.is_set():
+            raise TimeoutError from None
+        raise
+    finally:
+        timer.cancel()
+    if expired.is_set():  # cut off mid-headers: the answer is incomplete
+        raise TimeoutError
+    return status

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from django.db import transaction
-from django.db.models import Max
+from django.db.models import Exists, Max
 from django.utils import timezone
 
 from portal.analyses.calls import call_of, latest_predictions
@@ -195,8 +195,19 @@ def ai_suggestion(case: Case) -> dict | None:
 IDENTITY_FIELDS = ("cohort", "patient_id", "accession_number")
 
 
-def is_signed(case: Case) -> bool:
+ANNOTATIONS_LOCKED = (
+    "The case is signed: its annotations are part of the signed record and cannot change. "
+    "Amend the diagnosis to record a new finding."
+)
+
+
+def is_signed(case: Case | int) -> bool:
     return Diagnosis.objects.filter(case=case, status=Diagnosis.SIGNED).exists()
+
+
+def signed_case_exists(case_ref) -> Exists:
+    """For ``.annotate()``: whether the case at ``case_ref`` (an ``OuterRef``) is signed."""
+    return Exists(Diagnosis.objects.filter(case=case_ref, status=Diagnosis.SIGNED))
 
 
 def identity_changes(case: Case, proposed: dict) -> dict[str, list]:

@@ -2,7 +2,10 @@
 
 Every entry is checked before a byte is written: no absolute paths, no ``..``, no symlinks
 or other special files, no encryption, a cap on the number of entries and on the total
-uncompressed size (zip bombs). The archive must hold exactly one slide and nothing else:
+uncompressed size, and on the expansion ratio: no entry may expand more than ``MAX_RATIO``
+times, the entries' compressed data may not overlap (one deflate stream named by many
+entries) and may not add up to more than the file, so a bomb is refused before anything is
+written. The archive must hold exactly one slide and nothing else:
 
 - a DICOM series: ``.dcm`` files, all in one folder;
 - a MIRAX slide: one ``.mrxs`` file and the files of its data folder (same name, no suffix).
@@ -22,6 +25,9 @@ from pathlib import Path, PurePosixPath
 
 COPY_CHUNK_BYTES = 1024 * 1024
 MAX_ENTRIES = 20_000
+# Slide data (JPEG tiles, DICOM frames) barely compresses; deflate's best is about 1000:1.
+MAX_RATIO = 100
+RATIO_FREE_BYTES = 1024 * 1024  # small files (XML, indexes) may compress as well as they like
 # Files that archivers add on their own; skipped rather than refused.
 _IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 _IGNORED_TOP_FOLDERS = {"__MACOSX"}
@@ -47,6 +53,7 @@ def extract_slide_archive(zip_path: Path, dest: Path, max_total_bytes: int) -> P
     try:
         with zipfile.ZipFile(zip_path) as archive:
             entries = _checked_entries(archive, max_total_bytes)
+            _check_expansion(entries, zip_path.stat().st_size)
             prefix, opened = _slide_layout(entries)
             _write_entries(archive, entries, prefix, dest, max_total_bytes)
     except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError) as exc:
@@ -77,6 +84,25 @@ def _checked_entries(archive: zipfile.ZipFile, max_total_bytes: int) -> list[_En
             )
         entries.append(_Entry(info, path))
     return entries
+
+
+def _check_expansion(entries: list[_Entry], zip_bytes: int) -> None:
+    """Refuse zip bombs from the directory alone: ratio per entry, overlapping data."""
+    compressed = 0
+    for entry in entries:
+        info = entry.info
+        compressed += info.compress_size
+        if info.file_size > max(RATIO_FREE_BYTES, MAX_RATIO * info.compress_size):
+            raise UnsafeArchiveError(
+                f"zip entry {ascii(info.filename)} would expand {info.compress_size} bytes to "
+                f"{info.file_size} (more than {MAX_RATIO}x); refusing a zip bomb"
+            )
+    offsets = sorted((e.info.header_offset, e.info.compress_size) for e in entries)
+    overlapping = any(a[0] + a[1] > b[0] for a, b in zip(offsets, offsets[1:], strict=False))
+    if compressed > zip_bytes or overlapping:
+        raise UnsafeArchiveError(
+            "the zip's entries share or overstate their compressed data; refusing a zip bomb"
+        )
 
 
 def _safe_name(info: zipfile.ZipInfo) -> PurePosixPath:
@@ -181,9 +207,11 @@ def _copy_entry(
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(target, flags, 0o644)
     with os.fdopen(fd, "wb") as out, archive.open(entry.info) as src:
+        entry_written = 0
         while chunk := src.read(COPY_CHUNK_BYTES):
             written += len(chunk)
-            if written > max_total_bytes:
+            entry_written += len(chunk)
+            if written > max_total_bytes or entry_written > entry.info.file_size:
                 raise UnsafeArchiveError(
                     f"the zip expands to more than {max_total_bytes} bytes; refusing to unpack it"
                 )

@@ -57,9 +57,24 @@ def on_upload_complete(upload: Upload) -> Slide:
     if slide.status == Slide.Status.FAILED:
         shutil.rmtree(slide_folder(slide), ignore_errors=True)
     _audit(upload, slide)
+    _note_addendum(slide)
     if slide.is_ready:
         _queue_work(slide)
     return slide
+
+
+def _note_addendum(slide: Slide) -> None:
+    """A slide arriving on a signed case is an addendum: the signed report stays as signed."""
+    from portal.reviews.models import Diagnosis
+
+    if Diagnosis.objects.filter(case=slide.case_id, status=Diagnosis.SIGNED).exists():
+        audit.record(
+            None,
+            "slide.addendum",
+            slide,
+            case=slide.case,
+            note="arrived after sign-off; the signed report changes only through an amendment",
+        )
 
 
 def ingest_and_analyse(slide_id: int) -> str:

@@ -6,8 +6,9 @@ class ViewerConfig(AppConfig):
     label = "viewer"
 
     def ready(self) -> None:
-        """Pre-render new slides; tile grants are cached per process for seconds, so drop them
-        at once when they change."""
+        """Pre-render new slides; tile grants are cached for seconds, so revoke them in every
+        process when they change."""
+        from django.contrib.auth import get_user_model
         from django.contrib.auth.signals import user_logged_out
         from django.db.models.signals import post_delete, post_save
 
@@ -17,7 +18,10 @@ class ViewerConfig(AppConfig):
         slide_ready.connect(_pretile, dispatch_uid="viewer-pretile")
         user_logged_out.connect(_forget_logged_out_session, dispatch_uid="tiles-logout")
         for signal in (post_save, post_delete):
-            signal.connect(_forget_grants, sender=Membership, dispatch_uid=f"tiles-{signal}")
+            signal.connect(_revoke, sender=Membership, dispatch_uid=f"tiles-{signal}")
+        post_save.connect(
+            _revoke_if_deactivated, sender=get_user_model(), dispatch_uid="tiles-user"
+        )
 
 
 def _pretile(sender, slide, **kwargs) -> None:
@@ -29,12 +33,18 @@ def _pretile(sender, slide, **kwargs) -> None:
 
 
 def _forget_logged_out_session(sender, request, user, **kwargs) -> None:
-    from portal.viewer.fastpath import forget_session
+    from portal.viewer import tileservice
 
-    forget_session(getattr(getattr(request, "session", None), "session_key", None))
+    tileservice.forget_session(getattr(getattr(request, "session", None), "session_key", None))
+    tileservice.revoke_grants()  # other processes cached this session too
 
 
-def _forget_grants(sender, **kwargs) -> None:
-    from portal.viewer.tiles import forget_access
+def _revoke(sender, **kwargs) -> None:
+    from portal.viewer import tileservice
 
-    forget_access()
+    tileservice.revoke_grants()
+
+
+def _revoke_if_deactivated(sender, instance, created=False, **kwargs) -> None:
+    if not created and not instance.is_active:
+        _revoke(sender)

@@ -1,12 +1,12 @@
-"""A lean ASGI path for slide and heatmap tiles.
+"""ASGI adapter of the tile service: a lean path for slide and heatmap tile GETs.
 
 A viewer asks for hundreds of tiles a minute; through Django's full middleware chain a cached
 tile costs ~3 ms of CPU, mostly thread hops. Tile GETs are answered here instead, with the same
 checks: the session cookie is resolved to a user exactly as Django does
 (``django.contrib.auth.get_user``: session expiry, the user's backend, active flag, session
-hash), then the same (user, slide) grant as ``tiles.py``. Both are reused for
-``tiles.ACCESS_TTL_S`` seconds, so a warm tile needs no database and no thread hop. Every
-other request (and any tile request this path cannot answer simply) goes to Django.
+hash), then the same (user, slide) grant as ``tiles.py``; both live in
+``portal.viewer.tileservice`` and are reused for ``ACCESS_TTL_S`` seconds, so a warm tile
+needs no database and no thread hop. Every other request goes to Django.
 """
 
 from __future__ import annotations
@@ -21,13 +21,10 @@ from django.conf import settings
 from django.http import Http404
 
 from portal.core.metrics import observe_tile
-from portal.viewer import tiles
+from portal.viewer import tileservice as service
 
 SLIDE_TILE = re.compile(r"^/slides/(\d+)_files/(\d+)/(\d+)_(\d+)\.jpeg$")
 HEATMAP_TILE = re.compile(r"^/slides/(\d+)/heatmap/(\d+)_files/(\d+)/(\d+)_(\d+)\.png$")
-SESSION_TTL_S = tiles.ACCESS_TTL_S
-
-_sessions = tiles._LRU(4096)  # session key -> (user | None, resolved at)
 COMMON_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"same-origin"),
@@ -49,55 +46,32 @@ def _session_key(scope) -> str | None:
 
 
 def _resolve_session(session_key: str):
-    from importlib import import_module
-
-    from django.contrib.auth import get_user
     from django.db import close_old_connections
 
     close_old_connections()
-    store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
-
-    class _Request:  # get_user() needs only request.session
-        session = store
-
-    user = get_user(_Request())
-    if not user.is_authenticated or not user.is_active:
-        return None
-    return user
+    return service.session_user(session_key)
 
 
 def _grant(user, slide_id: int):
     from django.db import close_old_connections
 
     close_old_connections()
-    return tiles.grant_for(user, slide_id)
+    return service.grant_for(user, slide_id)
 
 
 async def _access_for(scope, slide_id: int):
     session_key = _session_key(scope)
     if not session_key:
         return None
-    now = time.monotonic()
-    cached = _sessions.get(session_key)
-    if cached is None or now - cached[1] >= SESSION_TTL_S:
-        cached = (await sync_to_async(_resolve_session)(session_key), now)
-        _sessions.put(session_key, cached)
-    user = cached[0]
+    known, user = service.cached_session_user(session_key)
+    if not known:
+        user = await sync_to_async(_resolve_session)(session_key)
     if user is None:
         return None
-    access = tiles.cached_grant(user.pk, slide_id)
+    access = service.cached_grant(user.pk, slide_id)
     if access is None:
         access = await sync_to_async(_grant)(user, slide_id)
     return access
-
-
-def forget_sessions() -> None:
-    _sessions.clear()
-
-
-def forget_session(session_key: str | None) -> None:
-    if session_key:
-        _sessions.discard(session_key)
 
 
 async def _respond(send, status: int, body: bytes, headers: list, head_only: bool) -> None:
@@ -121,7 +95,7 @@ async def _immutable(scope, send, body: bytes, content_type: bytes, etag: str) -
     head_only = scope["method"] == "HEAD"
     headers = [
         (b"etag", etag.encode()),
-        (b"cache-control", tiles.CACHE_CONTROL.encode()),
+        (b"cache-control", service.CACHE_CONTROL.encode()),
     ]
     if _if_none_match(scope) == etag.encode():
         await send({"type": "http.response.start", "status": 304, "headers": headers})
@@ -137,15 +111,14 @@ async def _slide_tile(scope, send, slide_id: int, level: int, col: int, row: int
     if access is None:
         return await _not_found(send, head_only)
     try:
-        body = await tiles.slide_tile_bytes(access, level, col, row)
+        body, etag = await service.slide_tile(access, level, col, row)
     except Http404:
         return await _not_found(send, head_only)
-    except tiles.TileReadError as exc:
+    except service.TileReadError as exc:
         return await _respond(
             send, 502, str(exc).encode(), [(b"content-type", b"text/plain")], head_only
         )
     observe_tile(time.perf_counter() - start, "slide")
-    etag = tiles.slide_tile_etag(access, level, col, row)
     await _immutable(scope, send, body, b"image/jpeg", etag)
 
 
@@ -155,17 +128,16 @@ async def _heatmap_tile(scope, send, ids: tuple[int, ...]) -> None:
     head_only = scope["method"] == "HEAD"
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     try:
-        threshold = tiles.parse_threshold((query.get("threshold") or ["0"])[-1])
-        layer = tiles.parse_layer((query.get("layer") or ["score"])[-1])
+        threshold = service.parse_threshold((query.get("threshold") or ["0"])[-1])
+        layer = service.parse_layer((query.get("layer") or ["score"])[-1])
         access = await _access_for(scope, slide_id)
         if access is None:
             raise Http404("no such slide")
-        tiler = await tiles.tiler_for(access, prediction_id, threshold, layer)
-        body = await tiles.heatmap_tile_bytes(tiler, level, col, row)
+        tiler = await service.tiler_for(access, prediction_id, threshold, layer)
+        body, etag = await service.heatmap_tile(tiler, prediction_id, level, col, row)
     except Http404:
         return await _not_found(send, head_only)
     observe_tile(time.perf_counter() - start, "heatmap")
-    etag = tiles.heatmap_tile_etag(prediction_id, tiler, level, col, row)
     await _immutable(scope, send, body, b"image/png", etag)
 
 

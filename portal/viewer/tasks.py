@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 def pretile_slide(slide_id: int) -> int:
     """Pre-render the slide's DeepZoom tiles (coarse levels first) into its folder."""
     from portal.cases.models import Slide
-    from portal.viewer.tiles import pretile
+    from portal.viewer.tileservice import pretile
 
     slide = Slide.objects.filter(pk=slide_id, status=Slide.Status.READY).first()
     if slide is None:

@@ -243,23 +243,17 @@ def prediction_top_k(request, prediction_id: int):
     )
 
 
-def _region_read_plan(osr, l0_size: int, out_px: int) -> tuple[int, int]:
-    """(pyramid level, side in that level's pixels) for a square of ``l0_size`` level-0 px."""
-    level = osr.get_best_level_for_downsample(l0_size / out_px)
-    return level, max(1, round(l0_size / osr.level_downsamples[level]))
-
-
 def _region_jpeg(slide: Slide, l0_xy: tuple[int, int], l0_size: int, out_px: int) -> bytes | None:
     """The region as JPEG, or None when reading it would exceed ``REGION_MAX_READ_PX``."""
-    from portal.viewer.tiles import SlideAccess, _deepzoom_for
+    from PIL import Image
 
-    access = SlideAccess(slide.pk, slide.path, slide.sha256, slide.width, slide.height)
-    osr = _deepzoom_for(access).osr
-    level, side = _region_read_plan(osr, l0_size, out_px)
-    if side > REGION_MAX_READ_PX:
+    from portal.viewer import tileservice
+
+    access = tileservice.SlideAccess(slide.pk, slide.path, slide.sha256, slide.width, slide.height)
+    rgb, _side = tileservice.region_rgb(access, l0_xy, l0_size, out_px, REGION_MAX_READ_PX)
+    if rgb is None:
         return None
-    image = osr.read_region(l0_xy, level, (side, side)).convert("RGB")
-    image = image.resize((out_px, out_px))
+    image = Image.fromarray(rgb).resize((out_px, out_px))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()

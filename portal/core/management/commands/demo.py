@@ -107,7 +107,7 @@ class Command(BaseCommand):
         from analysis.synth import write_synthetic_slide
         from portal.cases.models import Case, Slide
         from portal.uploads.ingest import ingest_slide
-        from portal.viewer.tiles import pretile
+        from portal.viewer.tileservice import pretile
 
         scans = Path(settings.DATA_DIR) / "demo-scans"
         scans.mkdir(parents=True, exist_ok=True)
