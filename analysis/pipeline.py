@@ -43,6 +43,10 @@ class SlidePrediction:
     clusters: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     # (N, D) patch embeddings, kept only while the cluster map is still to be computed
     features: np.ndarray | None = field(default=None, repr=False)
+    # (N,) float32 signed class evidence for ``evidence_class`` in logit units, grid order
+    # (analysis.mil.evidence); empty when the model gives none. ``instance_scores`` is attention.
+    evidence_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    evidence_class: str = ""
     device: str = "cpu"  # where the models ran (the cluster map runs there too)
 
     @property
@@ -84,6 +88,8 @@ class SlidePrediction:
             out["grid"]["l0_xy"] = np.asarray(self.grid.l0_xy).tolist()
             out["instance_scores"] = [round(float(s), 5) for s in self.instance_scores]
             out["clusters"] = [int(c) for c in self.clusters]
+            out["evidence_scores"] = [round(float(s), 4) for s in self.evidence_scores]
+        out["evidence_class"] = self.evidence_class
         return out
 
 
@@ -209,6 +215,51 @@ def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.nda
     return values[:n_classes], values[n_classes:]
 
 
+def run_mil_evidence(
+    mil: Any, features: np.ndarray, grid_rc: np.ndarray, classes: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Probabilities, attention, signed class evidence and its class index.
+
+    One forward pass (two when the evidence is for another class than the call: see
+    ``analysis.mil.evidence.evidence_target``), on the model's device, results copied back to
+    the CPU once. Models without ``instance_evidence`` give empty evidence and the call.
+    """
+    import torch
+
+    from analysis.devices import module_device
+    from analysis.mil.evidence import evidence_target
+
+    if not hasattr(mil, "instance_evidence"):
+        probabilities, attention = run_mil(mil, features, grid_rc)
+        return probabilities, attention, np.zeros(0, np.float32), int(np.argmax(probabilities))
+    device = module_device(mil)
+    n, dim = (int(v) for v in np.shape(features))
+    with torch.inference_mode():
+        feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
+        coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64)).to(device)
+        try:
+            logits, attention, evidence = mil.instance_evidence(feats, coords)
+            probs = torch.softmax(logits.float().reshape(-1), dim=0)  # (C,)
+            target = evidence_target(classes, probs.cpu().numpy())
+            if target != int(probs.argmax()):
+                _, _, evidence = mil.instance_evidence(feats, coords, target)
+        except torch.OutOfMemoryError as exc:
+            del feats, coords
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise AnalysisError(
+                f"the slide's bag of {n} patches x {dim} features does not fit in the memory of "
+                f"{device} for {type(mil).__name__} ({str(exc).splitlines()[0][:160]}); run it on "
+                "a device with more memory (LOWMAG_DEVICE) or analyse fewer patches "
+                "(a higher min_tissue)"
+            ) from None
+        parts = [probs, attention.float().reshape(-1), evidence.float().reshape(-1)]
+        both = torch.cat(parts).cpu()  # one copy back
+    values = both.numpy()
+    n_classes = int(probs.shape[0])
+    return values[:n_classes], values[n_classes : n_classes + n], values[n_classes + n :], target
+
+
 def reading_defaults(device: str) -> tuple[int, int]:
     """(encoder batch, reader threads): small batches and 2 readers share a CPU with the
     encoder; an accelerator wants large batches and as many readers as the host can spare."""
@@ -271,7 +322,9 @@ def predict_slide(
             ).features  # (N, D)
         slide_mpp = float(slide.mpp)
     with clock.stage("mil"):
-        probabilities, raw_scores = run_mil(bundle.mil, features, grid.grid_rc)
+        probabilities, raw_scores, evidence, target = run_mil_evidence(
+            bundle.mil, features, grid.grid_rc, list(manifest.classes)
+        )
     cluster_map = np.zeros(0, np.uint8)
     if clusters:
         with clock.stage("clusters"):
@@ -288,6 +341,8 @@ def predict_slide(
         grid=grid,
         clusters=cluster_map,
         features=None if clusters else features,
+        evidence_scores=evidence,
+        evidence_class=classes[target] if len(evidence) else "",
         device=str(bundle.encoder.device),
         timings=clock.finish(),
         magnification=magnification,

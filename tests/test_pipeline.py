@@ -75,6 +75,10 @@ def test_predict_on_cmu_gives_probabilities_scores_per_cell_and_timings(loaded):
     assert np.all((result.instance_scores >= 0) & (result.instance_scores <= 1))
     assert {"open", "tissue", "features", "mil", "total"} <= set(result.timings)
     assert result.predicted_class in ("normal", "lesion")
+    # class evidence: signed, one per cell, for the call or (on a normal call) for lesion
+    assert len(result.evidence_scores) == len(result.instance_scores)
+    assert np.isfinite(result.evidence_scores).all()
+    assert result.evidence_class == "lesion"
 
 
 def test_predict_is_deterministic(loaded):

@@ -100,12 +100,23 @@ function wireHeatmap(viewer, slide, legend, isAdmin) {
     else el('no-prediction').hidden = false;
     return null;
   }
-  const layer = new HeatmapLayer(viewer, slide.prediction.heatmap_dzi);
+  const which = el('heatmap-layer');
+  const evidenceClass = slide.prediction.evidence_class;
+  // class evidence is the default overlay; models without it show attention only
+  if (!evidenceClass) which.querySelector('option[value="evidence"]')?.remove();
+  which.value = evidenceClass ? 'evidence' : 'score';
+  const captions = {
+    evidence: `evidence for ${evidenceClass} (none or against: clear)`,
+    score: 'where the model looked (attention, any class; scaled per slide)',
+  };
+  const caption = () => (el('legend-caption').textContent = captions[which.value] || '');
+  caption();
+  const layer = new HeatmapLayer(viewer, slide.prediction.heatmap_dzi, which.value);
   const clusters = slide.prediction.clusters || [];
   el('cluster-legend-items').innerHTML = clusters
     .map((c) => `<li><span class="swatch" style="background:${c.color}"></span>cluster ${c.id + 1} <span class="muted">${c.cells} patches</span></li>`)
     .join('');
-  if (!clusters.length) el('heatmap-layer').querySelector('option[value=clusters]').disabled = true;
+  if (!clusters.length) which.querySelector('option[value=clusters]').disabled = true;
   const opacity = el('heatmap-opacity');
   const threshold = el('heatmap-threshold');
   const show = () => {
@@ -113,9 +124,9 @@ function wireHeatmap(viewer, slide, legend, isAdmin) {
     controls.classList.toggle('off', !toggle.checked);
   };
   toggle.addEventListener('change', show);
-  const which = el('heatmap-layer');
   which.addEventListener('change', () => {
     layer.setLayer(which.value);
+    caption();
     const clusters = which.value === 'clusters';
     threshold.disabled = clusters; // categories are not thresholded
     document.querySelector('.heatmap-controls .legend').hidden = clusters;

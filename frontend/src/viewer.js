@@ -89,14 +89,14 @@ export function whenOpen(viewer) {
 // ------------------------------------------------------------------ heatmap layer
 
 export class HeatmapLayer {
-  constructor(viewer, dziUrl) {
+  constructor(viewer, dziUrl, layer = 'score') {
     this.viewer = viewer;
     this.dziUrl = dziUrl;
     this.item = null;
     this.visible = false;
     this.opacity = 0.6;
     this.threshold = 0;
-    this.layer = 'score';
+    this.layer = layer;
     this.pending = null;
   }
 
@@ -139,7 +139,8 @@ export class HeatmapLayer {
     if (this.item || this.pending) this._load();
   }
 
-  // 'score' (the AI patch score) or 'clusters' (k-means clusters of the patch embeddings)
+  // 'evidence' (class evidence), 'score' (attention: where the model looked) or 'clusters'
+  // (k-means clusters of the patch embeddings)
   setLayer(layer) {
     if (layer === this.layer) return;
     this.layer = layer;

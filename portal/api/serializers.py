@@ -169,7 +169,7 @@ class PredictionSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Prediction
-        exclude = ["instance_scores", "grid", "clusters"]
+        exclude = ["instance_scores", "grid", "clusters", "evidence_scores"]
         read_only_fields = [f.name for f in Prediction._meta.fields]
 
     def get_n_instances(self, prediction: Prediction) -> int:

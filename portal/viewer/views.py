@@ -186,6 +186,7 @@ def _prediction_json(p: Prediction) -> dict:
         "classes": list(p.model_version.classes or p.probabilities.keys()),
         "heatmap_dzi": f"/slides/{p.slide_id}/heatmap/{p.pk}.dzi",
         "clusters": _cluster_legend(p),
+        "evidence_class": p.evidence_class if len(bytes(p.evidence_scores)) else "",
         "created_at": p.created_at.isoformat(),
     }
 
