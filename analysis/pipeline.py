@@ -178,12 +178,15 @@ def _kmeans_torch(
 def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(C,) class probabilities and (N,) raw instance scores from a MIL model in eval mode.
 
-    The bag goes to the model's device and the results come back to the CPU in one copy. A bag
-    too big for the device's memory fails with an ``AnalysisError`` naming its size.
+    The bag goes to the model's device and the results come back to the CPU in one copy. When
+    the device runs out of memory the bag is run again with chunked global attention
+    (``analysis.mil.bag.low_memory_attention``, the same result); a bag too big even then
+    fails with an ``AnalysisError`` naming its size.
     """
     import torch
 
-    from analysis.devices import module_device
+    from analysis.devices import module_device, release_cached_memory
+    from analysis.mil.bag import low_memory_attention
 
     device = module_device(mil)
     n, dim = (int(v) for v in np.shape(features))
@@ -191,14 +194,21 @@ def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.nda
         feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
         coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64)).to(device)
         try:
-            logits, scores = mil(feats, coords)  # (C,) or (1, C); (N,) or (1, N)
+            try:
+                logits, scores = mil(feats, coords)  # (C,) or (1, C); (N,) or (1, N)
+            except torch.OutOfMemoryError:
+                # Retry once with global attention in small query chunks: the same result,
+                # with a peak that no longer grows with the attention kernel's workspace.
+                release_cached_memory(device)
+                with low_memory_attention():
+                    logits, scores = mil(feats, coords)
         except torch.OutOfMemoryError as exc:
             del feats, coords
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_cached_memory(device)
             raise AnalysisError(
                 f"the slide's bag of {n} patches x {dim} features does not fit in the memory of "
-                f"{device} for {type(mil).__name__} ({str(exc).splitlines()[0][:160]}); run it on "
+                f"{device} for {type(mil).__name__}, even with chunked attention "
+                f"({str(exc).splitlines()[0][:160]}); run it on "
                 "a device with more memory (LOWMAG_DEVICE) or analyse fewer patches "
                 "(a higher min_tissue)"
             ) from None
