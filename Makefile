@@ -27,6 +27,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy analysis client
+	$(BIN)/mypy portal
 	PYTHONPATH=. $(BIN)/lint-imports --no-cache
 
 format: setup

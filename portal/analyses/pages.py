@@ -156,7 +156,7 @@ def shadow_page(request, cohort_id: int):
         .first()
     )
     result = comparison(deployment) if deployment is not None else None
-    if deployment is not None:
+    if deployment is not None and result is not None:
         audit.record(
             request.user,
             "model.shadow.compare",

@@ -10,6 +10,7 @@ cases, with an exact McNemar test, once ``min_signed`` cases are signed.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import shared_task
 from django.db import IntegrityError, transaction
@@ -177,7 +178,7 @@ def comparison(deployment: ShadowDeployment) -> dict:
     ).select_related("case"):
         if d.case_id not in current or d.version > current[d.case_id].version:
             current[d.case_id] = d
-    cases = []
+    cases: list[dict[str, Any]] = []
     for case_id, diagnosis in sorted(current.items()):
         if not diagnosis.call.strip() or case_id not in baseline_rows:
             continue

@@ -250,9 +250,9 @@ def write(
         with open(staging / "cases.csv", "w", newline="") as handle:
             fields = list(asdict(training_set.cases[0]))
             fields.remove("slide_path")  # no server paths leave the portal
-            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(asdict(c) for c in training_set.cases)
+            dict_writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+            dict_writer.writeheader()
+            dict_writer.writerows(asdict(c) for c in training_set.cases)
         (staging / "provenance.json").write_text(
             json.dumps(
                 {

@@ -34,7 +34,7 @@ class MembershipAdmin(admin.ModelAdmin):
 class SlideInline(admin.TabularInline):
     model = Slide
     extra = 0
-    fields = ["original_name", "status", "vendor", "mpp", "magnification", "failure_reason"]
+    fields = ("original_name", "status", "vendor", "mpp", "magnification", "failure_reason")
     readonly_fields = fields
 
 

@@ -113,7 +113,7 @@ def resolve(url: str) -> Destination:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise UnsafeDestinationError(f"{host} cannot be resolved ({exc})") from exc
-    addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
     for address in addresses:  # every answer must be allowed, not just the first
         _check_address(host, address)
     return Destination(scheme, host, port, str(addresses[0]), target)

@@ -62,6 +62,9 @@ def signed_diagnosis(case: Case) -> Diagnosis:
 def diagnostic_report(case: Case) -> dict:
     """The signed report of ``case`` as a FHIR R4 DiagnosticReport (JSON-ready dict)."""
     diagnosis = signed_diagnosis(case)
+    signed_at = diagnosis.signed_at
+    if signed_at is None:
+        raise NotSignedError(f"case {case.accession_number}'s diagnosis has no signing time")
     # Only what the pathologist saw when signing: a slide or analysis that arrives later is an
     # addendum, reported when the diagnosis is amended, never slipped into this report.
     predictions = list(
@@ -83,7 +86,7 @@ def diagnostic_report(case: Case) -> dict:
         "category": [{"coding": [CATEGORY_SP]}],
         "code": {"coding": [REPORT_CODE], "text": "Pathology report"},
         "subject": {"reference": "#patient"},
-        "issued": diagnosis.signed_at.isoformat(),
+        "issued": signed_at.isoformat(),
         "performer": [{"reference": "#signer"}],
         "resultsInterpreter": [{"reference": "#signer"}],
         "specimen": [{"reference": "#specimen"}],

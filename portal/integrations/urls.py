@@ -5,7 +5,8 @@ from portal.integrations import views
 
 app_name = "integrations"
 
-router = DefaultRouter(trailing_slash="/?")
+# DRF takes a pattern here (documented), though the stubs type it as a bool.
+router = DefaultRouter(trailing_slash="/?")  # type: ignore[arg-type]
 router.include_root_view = False
 router.register("webhooks", views.WebhookViewSet, basename="webhook")
 

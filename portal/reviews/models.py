@@ -161,7 +161,7 @@ class Diagnosis(models.Model):
         content = {f: getattr(self, f) for f in self.CONTENT_FIELDS}
         content.update(
             case=self.case_id,
-            previous=self.previous.content_hash if self.previous_id else None,
+            previous=self.previous.content_hash if self.previous is not None else None,
             ai_suggestion=self.ai_suggestion,
             signed_by=self.signed_by_id,
             signed_at=self.signed_at.isoformat() if self.signed_at else None,

@@ -251,9 +251,9 @@ def _disagrees(diagnosis: Diagnosis) -> bool:
 
 
 def _route_disagreement(diagnosis: Diagnosis, request) -> SecondOpinionRequest | None:
-    if not _disagrees(diagnosis):
-        return None
     suggestion = diagnosis.ai_suggestion
+    if suggestion is None or not _disagrees(diagnosis):
+        return None
     opinion = SecondOpinionRequest.objects.create(
         case=diagnosis.case,
         diagnosis=diagnosis,
@@ -272,6 +272,8 @@ def _emit(event: str, diagnosis: Diagnosis) -> None:
     from portal.integrations.webhooks import emit
 
     case = diagnosis.case
+    if diagnosis.signed_by is None or diagnosis.signed_at is None:
+        raise ValueError(f"diagnosis {diagnosis.pk} is not signed; nothing to announce")
     payload = {
         "case": case.pk,
         "accession_number": case.accession_number,

@@ -19,11 +19,13 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from django.conf import settings
+from django.contrib.auth.models import AnonymousUser, User
 from django.db.models import QuerySet
 from django.http import HttpResponse
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions
 from rest_framework.permissions import AllowAny
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
@@ -76,16 +78,20 @@ def find_case(user, metadata: dict[str, str]) -> Case | None:
         return None
     if not cohort_ref:
         case_id = _as_id(case_ref)
-        return cases.filter(pk=case_id).first() if case_id is not None else None
+        if case_id is None:
+            return None
+        return cases.filter(pk=case_id).first()
     cohort = Cohort.objects.filter(slug=cohort_ref).first()
-    if cohort is None and _as_id(cohort_ref) is not None:
-        cohort = Cohort.objects.filter(pk=_as_id(cohort_ref)).first()
+    cohort_id = _as_id(cohort_ref)
+    if cohort is None and cohort_id is not None:
+        cohort = Cohort.objects.filter(pk=cohort_id).first()
     if cohort is None:
         return None
     in_cohort = cases.filter(cohort=cohort)
     case = in_cohort.filter(accession_number=case_ref).first()
-    if case is None and _as_id(case_ref) is not None:
-        case = in_cohort.filter(pk=_as_id(case_ref)).first()
+    case_id = _as_id(case_ref)
+    if case is None and case_id is not None:
+        case = in_cohort.filter(pk=case_id).first()
     return case
 
 
@@ -142,7 +148,8 @@ class TusView(APIView):
             response[tus.VERSION] = tus.TUS_VERSION
         return response
 
-    def options(self, request: Request, *args, **kwargs) -> HttpResponse:
+    # The tus OPTIONS answer is a bare 204 carrying protocol headers, not a rendered Response.
+    def options(self, request: Request, *args, **kwargs) -> HttpResponse:  # type: ignore[override]
         response = HttpResponse(status=204)
         response[tus.VERSION] = tus.TUS_VERSION
         response[tus.EXTENSION] = tus.TUS_EXTENSIONS
@@ -254,7 +261,7 @@ class UploadStatusView(APIView):
 
     @extend_schema(summary="Upload progress and the resulting slide", responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, upload_id) -> Response:
-        upload = Upload.objects.filter(pk=upload_id, user=request.user).first()
+        upload = Upload.objects.filter(pk=upload_id, user=_signed_in(request)).first()
         if upload is None or not uploadable_cases(request.user).filter(pk=upload.case_id).exists():
             return Response({"detail": "No such upload."}, status=404)
         return Response(upload_status(upload))
@@ -285,6 +292,14 @@ def _refuse_too_large(length: int) -> None:
         raise tus.TusError(413, f"Upload-Length {length} exceeds the limit of {limit} bytes")
 
 
+def _signed_in(request: Request) -> User:
+    """The request's user; the permission classes have already turned anonymous requests away."""
+    user = request.user
+    if isinstance(user, AnonymousUser):
+        raise exceptions.NotAuthenticated()
+    return user
+
+
 def _create_upload(request: Request, metadata: dict[str, str], length: int) -> Upload:
     filename = (metadata.get("filename") or metadata.get("name") or "").strip()
     if not filename:
@@ -295,7 +310,7 @@ def _create_upload(request: Request, metadata: dict[str, str], length: int) -> U
     if case.is_signed:
         raise tus.TusError(409, f"case {case.accession_number} is signed; slides cannot be added")
     upload = Upload.objects.create(
-        user=request.user, case=case, filename=filename, length=length, metadata=metadata
+        user=_signed_in(request), case=case, filename=filename, length=length, metadata=metadata
     )
     upload.data_path.parent.mkdir(parents=True, exist_ok=True)
     upload.data_path.touch()
@@ -303,7 +318,7 @@ def _create_upload(request: Request, metadata: dict[str, str], length: int) -> U
 
 
 def _own_upload(request: Request, upload_id) -> Upload:
-    upload = Upload.objects.filter(pk=upload_id, user=request.user).first()
+    upload = Upload.objects.filter(pk=upload_id, user=_signed_in(request)).first()
     if upload is None or not uploadable_cases(request.user).filter(pk=upload.case_id).exists():
         raise tus.TusError(404, "No such upload.")
     return upload
@@ -406,7 +421,7 @@ def _verified(digest, checksum: bytes | None, received: int, body_length: int) -
 
 def _with_offset(response: HttpResponse, upload: Upload) -> HttpResponse:
     response[tus.UPLOAD_OFFSET] = str(upload.offset)
-    if upload.completed and upload.slide_id is not None:
+    if upload.completed and upload.slide is not None:
         _add_slide_headers(response, upload, upload.slide)
     return response
 

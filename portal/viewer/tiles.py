@@ -31,6 +31,7 @@ async def _slide_access(request, slide_id: int) -> service.SlideAccess:
 
 
 def _immutable(request, body: bytes, content_type: str, etag: str) -> HttpResponse:
+    response: HttpResponse
     if request.headers.get("If-None-Match") == etag:
         response = HttpResponseNotModified()
     else:

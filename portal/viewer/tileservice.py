@@ -26,6 +26,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from django.http import Http404
@@ -33,6 +34,9 @@ from django.http import Http404
 from analysis.errors import AnalysisError
 from analysis.heatmap import DeepZoomGeometry, HeatmapTiler, evidence_display, score_raster
 from analysis.slides import SlideCache, open_slide
+
+if TYPE_CHECKING:
+    from django.http import HttpRequest
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +236,9 @@ def session_user(session_key: str):
     class _Request:  # get_user() needs only request.session
         session = store
 
-    user = get_user(_Request())
-    if not user.is_authenticated or not user.is_active:
-        user = None
+    # get_user() reads only request.session, which _Request provides.
+    found = get_user(cast("HttpRequest", _Request()))
+    user = found if found.is_authenticated and found.is_active else None
     _sessions.put(session_key, (user, time.monotonic()))
     return user
 
