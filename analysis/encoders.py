@@ -555,17 +555,18 @@ class _SwinBlock(nn.Module):
         w = min(self.window, H, W)
         shift = self.window // 2 if self.shifted and min(H, W) > self.window else 0
         y = self.norm1(x)
-        Hp, Wp = -(-H // w) * w, -(-W // w) * w
-        y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))  # zero tokens to whole windows
-        mask = None
         if shift:
             y = torch.roll(y, (-shift, -shift), (1, 2))
-            mask = _shift_mask(Hp, Wp, w, shift, x.device)
+        # as timm: after the shift, zero tokens fill the map to whole windows; the shift mask is
+        # laid out on the padded map
+        Hp, Wp = -(-H // w) * w, -(-W // w) * w
+        y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))
+        mask = _shift_mask(Hp, Wp, w, shift, x.device) if shift else None
         y = self.attn(_window_partition(y, w), w, mask)
-        y = _window_merge(y, w, B, Hp, Wp)
+        y = _window_merge(y, w, B, Hp, Wp)[:, :H, :W]
         if shift:
             y = torch.roll(y, (shift, shift), (1, 2))
-        x = x + y[:, :H, :W]
+        x = x + y
         return x + self.mlp(self.norm2(x))  # (B, H, W, C)
 
 
