@@ -70,6 +70,14 @@ def synchronize(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
+def release_cached_memory(device: Any) -> None:
+    """Give the allocator's cached blocks back after an out-of-memory, before a retry."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def accelerator_memory() -> dict[str, Any]:
     """This process's GPU memory: present, allocated/reserved/peak/total bytes (zeros without)."""
     out: dict[str, Any] = {

@@ -897,13 +897,38 @@ class Encoder:
         return self.use_bf16 if self.channels_last is None else self.channels_last
 
     def embed(self, patches_uint8: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) uint8 patches -> (N, dim) float32 embeddings."""
-        if len(patches_uint8) == 0:
+        """(N, H, W, 3) uint8 patches -> (N, dim) float32 embeddings.
+
+        Patches go through the network ``batch_size`` at a time. When the device runs out of
+        memory the batch is halved (and stays halved for later calls) until it fits; a single
+        patch that does not fit is an ``AnalysisError``. Each patch's embedding does not
+        depend on its batch-mates, so the result is the same.
+        """
+        from analysis.devices import release_cached_memory
+
+        n = len(patches_uint8)
+        if n == 0:
             return np.zeros((0, self.dim), np.float32)
-        out = [
-            self.embed_tensor(imagenet_normalize(patches_uint8[i : i + self.batch_size]))
-            for i in range(0, len(patches_uint8), self.batch_size)
-        ]
+        out = []
+        start = 0
+        while start < n:
+            size = min(self.batch_size, n - start)
+            try:
+                out.append(
+                    self.embed_tensor(imagenet_normalize(patches_uint8[start : start + size]))
+                )
+            except torch.OutOfMemoryError as exc:
+                release_cached_memory(self.device)
+                if size == 1:
+                    side = "x".join(str(v) for v in np.shape(patches_uint8)[1:3])
+                    raise AnalysisError(
+                        f"one {side} px patch does not fit in the memory of {self.device} for "
+                        f"the {self.name} encoder ({str(exc).splitlines()[0][:160]}); free the "
+                        "device or run on another one (LOWMAG_DEVICE)"
+                    ) from None
+                self.batch_size = max(1, size // 2)
+                continue
+            start += size
         return torch.cat(out).numpy()
 
     def blocks(self, patches_uint8: np.ndarray) -> dict[str, torch.Tensor]:

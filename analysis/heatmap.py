@@ -63,6 +63,22 @@ def normalise_scores(scores: np.ndarray) -> np.ndarray:
     return ((scores - lo) / (hi - lo)).astype(np.float32)
 
 
+EVIDENCE_SCALE = 2.0  # logits of class evidence that map to tanh(1) = 0.76 on the colour ramp
+
+
+def evidence_display(evidence: np.ndarray, scale: float = EVIDENCE_SCALE) -> np.ndarray:
+    """Signed class evidence -> overlay values: tanh(e / scale) where e > 0, else NaN.
+
+    A fixed scale, not per-slide min-max: a slide with no evidence for the class shows nothing
+    (NaN cells are transparent), and the same colour means the same evidence on every slide.
+    """
+    evidence = np.asarray(evidence, dtype=np.float64)
+    out = np.full(evidence.shape, np.nan, dtype=np.float32)
+    positive = np.isfinite(evidence) & (evidence > 0)
+    out[positive] = np.tanh(evidence[positive] / scale)
+    return out
+
+
 def score_raster(grid_rc: np.ndarray, scores: np.ndarray, n_rows: int, n_cols: int) -> np.ndarray:
     """(n_rows, n_cols) float32 raster; cells without a patch are NaN."""
     grid_rc = np.asarray(grid_rc, dtype=np.int64)

@@ -43,6 +43,10 @@ class SlidePrediction:
     clusters: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     # (N, D) patch embeddings, kept only while the cluster map is still to be computed
     features: np.ndarray | None = field(default=None, repr=False)
+    # (N,) float32 signed class evidence for ``evidence_class`` in logit units, grid order
+    # (analysis.mil.evidence); empty when the model gives none. ``instance_scores`` is attention.
+    evidence_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    evidence_class: str = ""
     device: str = "cpu"  # where the models ran (the cluster map runs there too)
 
     @property
@@ -84,6 +88,8 @@ class SlidePrediction:
             out["grid"]["l0_xy"] = np.asarray(self.grid.l0_xy).tolist()
             out["instance_scores"] = [round(float(s), 5) for s in self.instance_scores]
             out["clusters"] = [int(c) for c in self.clusters]
+            out["evidence_scores"] = [round(float(s), 4) for s in self.evidence_scores]
+        out["evidence_class"] = self.evidence_class
         return out
 
 
@@ -178,12 +184,15 @@ def _kmeans_torch(
 def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(C,) class probabilities and (N,) raw instance scores from a MIL model in eval mode.
 
-    The bag goes to the model's device and the results come back to the CPU in one copy. A bag
-    too big for the device's memory fails with an ``AnalysisError`` naming its size.
+    The bag goes to the model's device and the results come back to the CPU in one copy. When
+    the device runs out of memory the bag is run again with chunked global attention
+    (``analysis.mil.bag.low_memory_attention``, the same result); a bag too big even then
+    fails with an ``AnalysisError`` naming its size.
     """
     import torch
 
-    from analysis.devices import module_device
+    from analysis.devices import module_device, release_cached_memory
+    from analysis.mil.bag import low_memory_attention
 
     device = module_device(mil)
     n, dim = (int(v) for v in np.shape(features))
@@ -191,7 +200,59 @@ def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.nda
         feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
         coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64)).to(device)
         try:
-            logits, scores = mil(feats, coords)  # (C,) or (1, C); (N,) or (1, N)
+            try:
+                logits, scores = mil(feats, coords)  # (C,) or (1, C); (N,) or (1, N)
+            except torch.OutOfMemoryError:
+                # Retry once with global attention in small query chunks: the same result,
+                # with a peak that no longer grows with the attention kernel's workspace.
+                release_cached_memory(device)
+                with low_memory_attention():
+                    logits, scores = mil(feats, coords)
+        except torch.OutOfMemoryError as exc:
+            del feats, coords
+            release_cached_memory(device)
+            raise AnalysisError(
+                f"the slide's bag of {n} patches x {dim} features does not fit in the memory of "
+                f"{device} for {type(mil).__name__}, even with chunked attention "
+                f"({str(exc).splitlines()[0][:160]}); run it on "
+                "a device with more memory (LOWMAG_DEVICE) or analyse fewer patches "
+                "(a higher min_tissue)"
+            ) from None
+        probabilities = torch.softmax(logits.float().reshape(-1), dim=0)  # (C,)
+        both = torch.cat([probabilities, scores.float().reshape(-1)]).cpu()  # one copy back
+    n_classes = int(probabilities.shape[0])
+    values = both.numpy()
+    return values[:n_classes], values[n_classes:]
+
+
+def run_mil_evidence(
+    mil: Any, features: np.ndarray, grid_rc: np.ndarray, classes: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Probabilities, attention, signed class evidence and its class index.
+
+    One forward pass (two when the evidence is for another class than the call: see
+    ``analysis.mil.evidence.evidence_target``), on the model's device, results copied back to
+    the CPU once. Models without ``instance_evidence`` give empty evidence and the call.
+    """
+    import torch
+
+    from analysis.devices import module_device
+    from analysis.mil.evidence import evidence_target
+
+    if not hasattr(mil, "instance_evidence"):
+        probabilities, attention = run_mil(mil, features, grid_rc)
+        return probabilities, attention, np.zeros(0, np.float32), int(np.argmax(probabilities))
+    device = module_device(mil)
+    n, dim = (int(v) for v in np.shape(features))
+    with torch.inference_mode():
+        feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
+        coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64)).to(device)
+        try:
+            logits, attention, evidence = mil.instance_evidence(feats, coords)
+            probs = torch.softmax(logits.float().reshape(-1), dim=0)  # (C,)
+            target = evidence_target(classes, probs.cpu().numpy())
+            if target != int(probs.argmax()):
+                _, _, evidence = mil.instance_evidence(feats, coords, target)
         except torch.OutOfMemoryError as exc:
             del feats, coords
             if device.type == "cuda":
@@ -202,11 +263,11 @@ def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.nda
                 "a device with more memory (LOWMAG_DEVICE) or analyse fewer patches "
                 "(a higher min_tissue)"
             ) from None
-        probabilities = torch.softmax(logits.float().reshape(-1), dim=0)  # (C,)
-        both = torch.cat([probabilities, scores.float().reshape(-1)]).cpu()  # one copy back
-    n_classes = int(probabilities.shape[0])
+        parts = [probs, attention.float().reshape(-1), evidence.float().reshape(-1)]
+        both = torch.cat(parts).cpu()  # one copy back
     values = both.numpy()
-    return values[:n_classes], values[n_classes:]
+    n_classes = int(probs.shape[0])
+    return values[:n_classes], values[n_classes : n_classes + n], values[n_classes + n :], target
 
 
 def reading_defaults(device: str) -> tuple[int, int]:
@@ -236,7 +297,6 @@ def predict_slide(
     ``compute_clusters()`` after it has stored or sent the prediction.
     """
     from analysis.features import extract_features
-    from analysis.heatmap import normalise_scores
     from analysis.slides import open_slide
     from analysis.tissue import patch_grid
 
@@ -270,8 +330,26 @@ def predict_slide(
                 on_batch=on_batch,
             ).features  # (N, D)
         slide_mpp = float(slide.mpp)
+    return _finish(bundle, str(slide_path), grid, features, slide_mpp, clock, clusters)
+
+
+def _finish(
+    bundle: LoadedBundle,
+    slide: str,
+    grid: Any,
+    features: np.ndarray,
+    slide_mpp: float,
+    clock: _StageClock,
+    clusters: bool,
+) -> SlidePrediction:
+    """MIL, the cluster map and the prediction record of one slide's embeddings."""
+    from analysis.heatmap import normalise_scores
+
+    manifest = bundle.manifest
     with clock.stage("mil"):
-        probabilities, raw_scores = run_mil(bundle.mil, features, grid.grid_rc)
+        probabilities, raw_scores, evidence, target = run_mil_evidence(
+            bundle.mil, features, grid.grid_rc, list(manifest.classes)
+        )
     cluster_map = np.zeros(0, np.uint8)
     if clusters:
         with clock.stage("clusters"):
@@ -279,7 +357,7 @@ def predict_slide(
     best = int(np.argmax(probabilities))
     classes = list(manifest.classes)
     return SlidePrediction(
-        slide=str(slide_path),
+        slide=slide,
         classes=classes,
         probabilities={c: round(float(p), 6) for c, p in zip(classes, probabilities, strict=True)},
         predicted_class=classes[best],
@@ -288,9 +366,11 @@ def predict_slide(
         grid=grid,
         clusters=cluster_map,
         features=None if clusters else features,
+        evidence_scores=evidence,
+        evidence_class=classes[target] if len(evidence) else "",
         device=str(bundle.encoder.device),
         timings=clock.finish(),
-        magnification=magnification,
+        magnification=float(manifest.magnification),
         slide_mpp=slide_mpp,
         bundle={
             "name": manifest.name,
@@ -299,3 +379,103 @@ def predict_slide(
             "is_demo": manifest.is_demo,
         },
     )
+
+
+def predict_slides(
+    bundle: LoadedBundle,
+    slide_paths: list[str | Path],
+    *,
+    mpp: float | None = None,
+    min_tissue: float = 0.25,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    clusters: bool = True,
+) -> list[SlidePrediction]:
+    """Analyse several slides together: one prediction per slide, in order, as ``predict_slide``.
+
+    The slides' patches are read one slide after the other but encoded in shared batches, so
+    an accelerator stays busy across the small bags of 5x slides (the tail batch of one slide
+    is filled with the next slide's patches). Each patch's embedding does not depend on its
+    batch-mates, so every prediction matches ``predict_slide`` on that slide alone. Bad input
+    in any slide raises its ``AnalysisError`` before anything is encoded.
+    """
+    from contextlib import ExitStack
+
+    from analysis.slides import open_slide
+    from analysis.tissue import patch_grid
+
+    manifest = bundle.manifest
+    magnification = float(manifest.magnification)
+    default_batch, default_workers = reading_defaults(str(bundle.encoder.device))
+    batch_size = batch_size or default_batch
+    workers = workers or default_workers
+    clocks = [_StageClock(None) for _ in slide_paths]
+    with ExitStack() as stack:
+        slides, grids = [], []
+        for path, clock in zip(slide_paths, clocks, strict=True):
+            with clock.stage("open"):
+                slide = stack.enter_context(open_slide(path, mpp=mpp))
+            with clock.stage("tissue"):
+                grids.append(patch_grid(slide, patch_um=manifest.patch_um, min_tissue=min_tissue))
+                slide.level_for_magnification(magnification)
+            slides.append(slide)
+        start = time.perf_counter()
+        features = _encode_shared(bundle, slides, grids, magnification, batch_size, workers)
+        shared = round(time.perf_counter() - start, 4)
+        slide_mpps = [float(slide.mpp) for slide in slides]
+    out = []
+    for path, grid, feats, slide_mpp, clock in zip(
+        slide_paths, grids, features, slide_mpps, clocks, strict=True
+    ):
+        clock.timings["features"] = shared  # the shared encoding of all the slides
+        out.append(_finish(bundle, str(path), grid, feats, slide_mpp, clock, clusters))
+    return out
+
+
+def _encode_shared(
+    bundle: LoadedBundle,
+    slides: list[Any],
+    grids: list[Any],
+    magnification: float,
+    batch_size: int,
+    workers: int,
+) -> list[np.ndarray]:
+    """(N_i, D) embeddings of every slide's grid, encoded in batches that span slides."""
+    import contextlib
+
+    from analysis.features import _prefetch
+
+    encoder = bundle.encoder
+    features = [np.zeros((len(grid.l0_xy), encoder.dim), np.float32) for grid in grids]
+
+    def patches() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        for k, (slide, grid) in enumerate(zip(slides, grids, strict=True)):
+            for indices, batch in slide.iter_patch_batches(
+                grid.l0_xy, magnification, batch_size, patch_um=grid.patch_um, workers=workers
+            ):
+                yield k, indices, batch
+
+    pending: list[tuple[int, np.ndarray, np.ndarray]] = []
+    held = 0
+
+    def encode() -> None:
+        embedded = encoder.embed(np.concatenate([batch for _, _, batch in pending]))  # (B, D)
+        offset = 0
+        for k, indices, _ in pending:
+            features[k][indices] = embedded[offset : offset + len(indices)]
+            offset += len(indices)
+        pending.clear()
+
+    with contextlib.closing(_prefetch(patches(), depth=2)) as prefetched:
+        for k, indices, batch in prefetched:
+            while len(indices):
+                take = min(batch_size - held, len(indices))
+                pending.append((k, indices[:take], batch[:take]))
+                held += take
+                indices, batch = indices[take:], batch[take:]
+                if held == batch_size:
+                    encode()
+                    held = 0
+        if pending:
+            encode()
+    return features

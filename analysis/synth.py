@@ -4,13 +4,16 @@ A slide is white glass with irregular tissue islands: pink stroma with fibre tex
 purple nuclei on two staggered jittered lattices. Colour follows Beer-Lambert with a
 hematoxylin and an eosin absorbance per channel.
 
-Two classes that differ in fine-scale morphology only. Slides of label 1 hold *lesion*
-regions (ground-truth mask at ``MASK_L0_PER_PX``) whose nuclei carry clumped chromatin: a
-zero-mean speckle of period ~1-1.8 µm in the hematoxylin density, which also frays their
-borders. Nucleus size, shape, density and mean stain are drawn from the same distributions
-in both classes, so colour and density agree at coarse scale. At 20x (0.5 µm/px) the speckle
-spans 2-3.5 pixels and is plain to see; a 4x area-average (5x, 2 µm/px) keeps only a weak
-residue of it (about a fifth of its amplitude, plus a slight lightening of lesion nuclei).
+Two classes that differ in fine-scale morphology only. Every nucleus carries fine chromatin
+cords: streaks of period ~1-1.8 µm read from one unit-Gaussian texture, which also roughen the
+nuclear border by a zero-mean amount. In normal nuclei the cords run in a random direction; in
+*lesion* regions (ground-truth mask at ``MASK_L0_PER_PX``) they run along the nucleus's long
+axis (``morphology_strength`` 0..1 sets how fully). Nucleus size, shape, density, stain, and
+every per-pixel density value are drawn from the same distributions in both classes (texture
+clipped symmetrically, so zero-mean in density after clipping), so colour, optical density and
+texture energy agree at any scale. At 20x (0.5 µm/px) the cords span 2-3.6 pixels and their
+alignment is plain to measure (``analysis.synthcheck.cord_alignment``); 10x keeps a distorted
+part of it; a 4x area-average (5x, 2 µm/px) leaves nothing a first-order statistic separates.
 
 Everything is a function of level-0 coordinates (hashed lattices, periodic texture tiles,
 smooth coarse fields), so any region renders on its own: slides stream strip by strip.
@@ -46,8 +49,11 @@ class SynthDesign:
     nucleus_radius_um: tuple[float, float] = (2.6, 3.6)  # semi-major axis range
     nucleus_aspect: tuple[float, float] = (0.6, 0.95)  # minor / major axis
     nucleus_density: float = 0.5  # mean chance a lattice cell in tissue holds a nucleus
-    speckle_period_um: tuple[float, float] = (1.0, 1.8)  # lesion chromatin (fine: 20x only)
-    speckle_amplitude: float = 0.7  # lesion speckle std relative to nuclear density
+    speckle_period_um: tuple[float, float] = (1.0, 1.8)  # fine chromatin cords, both classes
+    speckle_amplitude: float = 0.35  # fine chromatin std relative to nuclear density
+    cord_angle_deg: float = 20.0  # cords: wave vectors within this of the cord normal
+    lesion_alignment: float = 1.0  # lesion cords' alignment with the nucleus axis at strength 1
+    membrane_fray: float = 0.25  # border roughness (fine chromatin moves the edge), both classes
     chromatin_period_um: tuple[float, float] = (3.0, 6.0)  # coarse chromatin, both classes
     fibre_period_um: tuple[float, float] = (4.0, 14.0)  # stroma fibres, both classes
     fibre_base: float = 0.7  # stroma eosin = base + contrast * fibre (0..1) + grain term
@@ -299,9 +305,9 @@ class SlideModel:
         if not self._has_tissue(y0, x0, h, w):
             return np.broadcast_to(GLASS_RGB.astype(np.uint8), (h, w, 3)).copy()
         alpha = self._tissue_alpha(y0, x0, h, w)  # (h, w)
-        tex = self._textures(y0, x0, h, w)  # (h, w, 3): speckle, chromatin, stroma
-        nucleus, lesion = self._nuclei(y0, x0, h, w)  # (h, w) each
-        hema = alpha * (nucleus * (1.0 + 0.18 * tex[..., 1]) + lesion * tex[..., 0] + 0.06)
+        tex = self._textures(y0, x0, h, w)  # (h, w, 3): cords, chromatin, stroma
+        nucleus = self._nuclei(y0, x0, h, w)  # (h, w) hematoxylin, fine chromatin included
+        hema = alpha * (nucleus * (1.0 + 0.18 * tex[..., 1]) + 0.06)
         np.maximum(hema, 0.0, out=hema)
         eosin = alpha * self._upsample(self.eosin, y0, x0, h, w) * tex[..., 2]
         return _beer_lambert(hema, eosin)
@@ -317,17 +323,23 @@ class SlideModel:
         cols = (np.arange(x0, x0 + w) + ox) % TEXTURE_PX
         return self.textures.take(rows, axis=0).take(cols, axis=1)
 
-    def _nuclei(self, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """Nuclear hematoxylin density and the lesion speckle weight, (h, w) each."""
+    def _nuclei(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """Nuclear hematoxylin density, (h, w), over both lattices."""
         half = self.cell_px // 2
-        dens_a, speck_a = self._lattice(0, 0, y0, x0, h, w)
-        dens_b, speck_b = self._lattice(1, half, y0, x0, h, w)
-        return np.maximum(dens_a, dens_b), np.maximum(speck_a, speck_b)
+        return np.maximum(self._lattice(0, 0, y0, x0, h, w), self._lattice(1, half, y0, x0, h, w))
 
-    def _lattice(
-        self, lattice: int, offset: int, y0: int, x0: int, h: int, w: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Render one jittered lattice of nuclei, each confined to its cell."""
+    def _lattice(self, lattice: int, offset: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """Render one jittered lattice of nuclei, each confined to its cell.
+
+        Fine chromatin is a cord texture (streaks of period ~1-1.8 µm) read nearest-pixel in a
+        frame turned to each nucleus's own cord direction, at a per-nucleus place, so both
+        classes draw every pixel from the same unit-Gaussian marginal with the same orientation
+        statistics. Normal nuclei's cords run in a random direction; lesion nuclei's cords run
+        along the nucleus's long axis (fully at ``morphology_strength`` 1). The class difference
+        is that alignment, a relation between ~1.5 µm texture and ~6 µm shape. The same value
+        moves the border by a zero-mean amount (fine membrane detail, both classes).
+        """
+        d = self.design
         c = self.cell_px
         r0, r1 = (y0 + offset) // c, (y0 + h - 1 + offset) // c + 1
         c0, c1 = (x0 + offset) // c, (x0 + w - 1 + offset) // c + 1
@@ -340,21 +352,32 @@ class SlideModel:
         u = dx * cos + dy * sin  # (nr, C, nc, C)
         v = dy * cos - dx * sin
         d2 = u * u * p["inv_a2"][:, None, :, None] + v * v * p["inv_b2"][:, None, :, None]
-        cover = np.clip((1.0 - d2) * p["sharp"][:, None, :, None], 0.0, 1.0)
-        density = cover * p["dark"][:, None, :, None]
-        speckle = cover * p["speckle"][:, None, :, None]
+        del u, v
+        cos, sin = p["cord_cos"][:, None, :, None], p["cord_sin"][:, None, :, None]
+        iu = np.floor(dx * cos + dy * sin).astype(np.intp)
+        iv = np.floor(dy * cos - dx * sin).astype(np.intp)
+        rows = (iv + p["off_y"][:, None, :, None]) % TEXTURE_PX
+        cols = (iu + p["off_x"][:, None, :, None]) % TEXTURE_PX
+        del iu, iv
+        fine = self.textures[rows, cols, 0]
+        del rows, cols
+        edge = 1.0 - d2 + d.membrane_fray * fine
+        cover = np.clip(edge * p["sharp"][:, None, :, None], 0.0, 1.0)
+        # symmetric limits keep the fine chromatin zero-mean in density after clipping
+        grain = np.clip(d.speckle_amplitude * fine, -0.9, 0.9)
+        grain += 1.0
+        density = cover * grain * p["dark"][:, None, :, None]
         nr, nc = cell_r.shape
         ys = y0 + offset - r0 * c
         xs = x0 + offset - c0 * c
-        crop = (slice(ys, ys + h), slice(xs, xs + w))
-        return density.reshape(nr * c, nc * c)[crop], speckle.reshape(nr * c, nc * c)[crop]
+        return density.reshape(nr * c, nc * c)[ys : ys + h, xs : xs + w]
 
     def _nucleus_params(
         self, lattice: int, offset: int, cell_r: np.ndarray, cell_c: np.ndarray
     ) -> dict[str, np.ndarray]:
         d = self.design
         c = self.cell_px
-        u = _uniforms(self.seed, lattice, cell_r, cell_c, 7)  # (7, nr, nc)
+        u = _uniforms(self.seed, lattice, cell_r, cell_c, 10)  # (10, nr, nc)
         center_y = cell_r * c - offset + c // 2
         center_x = cell_c * c - offset + c // 2
         in_tissue = self._coarse_at(self.tissue_field, center_y, center_x) > self.tissue_threshold
@@ -364,6 +387,9 @@ class SlideModel:
         a = r_lo + (r_hi - r_lo) * u[1]
         b = a * (d.nucleus_aspect[0] + (d.nucleus_aspect[1] - d.nucleus_aspect[0]) * u[2])
         theta = np.pi * u[3]
+        # cords: a random turn from the long axis, shrunk towards 0 in lesion nuclei
+        aligned = min(max(d.lesion_alignment * self.strength, 0.0), 1.0)
+        turn = np.pi * (u[9] - 0.5) * np.where(lesion, 1.0 - aligned, 1.0)
         margin = min(r_hi + 1.0, c / 2)
         f32 = np.float32
         return {
@@ -375,9 +401,10 @@ class SlideModel:
             "inv_b2": np.where(present, 1.0 / (b * b), 1e6).astype(f32),
             "sharp": (0.5 * b).astype(f32),  # edge about one pixel wide
             "dark": (0.85 + 0.3 * u[6]).astype(f32),
-            "speckle": np.where(
-                lesion, (0.85 + 0.3 * u[6]) * d.speckle_amplitude * self.strength, 0.0
-            ).astype(f32),
+            "cord_cos": np.cos(theta + turn).astype(f32),
+            "cord_sin": np.sin(theta + turn).astype(f32),
+            "off_y": (u[7] * TEXTURE_PX).astype(np.intp),
+            "off_x": (u[8] * TEXTURE_PX).astype(np.intp),
         }
 
     # -- associated images --------------------------------------------------------------------
@@ -542,7 +569,11 @@ def _interp_matrix(start: int, n: int, size: int) -> tuple[np.ndarray, int]:
 
 
 def _texture_tiles(seed: int, mpp: float, design: SynthDesign) -> np.ndarray:
-    """(T, T, 3) float32 periodic textures: lesion speckle, chromatin, stroma eosin factor."""
+    """(T, T, 3) float32 periodic textures: fine chromatin cords, chromatin, stroma.
+
+    The cord tile is unit-variance band-limited noise keeping only wave vectors within
+    ``cord_angle_deg`` of the row axis: streaks along the columns.
+    """
     rng = np.random.default_rng([seed, 2])
     n = TEXTURE_PX
     fy = np.fft.fftfreq(n)[:, None]
@@ -556,12 +587,13 @@ def _texture_tiles(seed: int, mpp: float, design: SynthDesign) -> np.ndarray:
         out = np.fft.irfft2(spectrum * ((radius >= lo) & (radius <= hi)) * extra, s=(n, n))
         return (out - out.mean()) / (out.std() + 1e-9)
 
-    speckle = band(design.speckle_period_um)
     chromatin = band(design.chromatin_period_um)
     grain = band(design.grain_period_um)
     fibre = _wavy_fibres(band, angle, rng, mpp, design)
     stroma = design.fibre_base + design.fibre_contrast * fibre + design.grain_contrast * grain
-    return np.stack([speckle, chromatin, stroma], axis=-1).astype(np.float32)
+    along_rows = np.abs(np.sin(angle)) >= np.cos(np.deg2rad(design.cord_angle_deg))
+    cords = band(design.speckle_period_um, along_rows)
+    return np.stack([cords, chromatin, stroma], axis=-1).astype(np.float32)
 
 
 def _wavy_fibres(

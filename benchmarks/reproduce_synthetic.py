@@ -1,21 +1,31 @@
-"""The paper's Figure 2a / Figure 3 in miniature, on a synthetic cohort with known ground truth.
+"""The paper's Figure 2a / Figure 3 in miniature, on synthetic cohorts with known ground truth.
 
 Stages (each cached under ``--out``, so a rerun resumes where the last one stopped):
 
-1. cohort: ``write_cohort`` (patients x slides, one label per patient; the classes differ only
-   in fine chromatin speckle, plain at 20x, weak at 5x).
-2. MAGA: pair caches and students at 5x and at 10x (self-supervised, no labels). Without
-   ``--teacher FILE`` the teacher is the seeded ResNet50-trunc whose BatchNorm statistics are
-   calibrated on unlabeled 20x patches (saved by the 5x run and reused by the 10x run).
+1. cohort: ``write_cohort`` per cohort seed (patients x slides, one label per patient). The
+   classes differ only in how fine chromatin cords line up with each nucleus (below 2 µm):
+   resolvable at 20x, degraded at 10x, not separable by first-order statistics at 5x.
+2. MAGA, on a *disjoint unlabeled cohort* (its own seed, never evaluated), so no test slide
+   is seen: pair caches and students at 5x and at 10x. ``--teacher FILE`` takes ImageNet
+   ResNet50 weights (torchvision layout); without it the teacher is the seeded ResNet50-trunc
+   whose BatchNorm statistics are calibrated on that cohort's 20x patches, and every report
+   says so in capitals (FALLBACK TEACHER).
 3. features (CLAM-style HDF5 per slide): ``20x`` teacher on 256 px, ``5x`` teacher on native
-   64 px (no MAGA), ``5x-maga`` student on 64 px, ``10x-maga`` student on 128 px.
-4. patient-level k-fold cross-validation of GLTrans, ABMIL, CLAM-SB and TransMIL per condition.
-5. speed: seconds per slide (open + tissue grid + read + encode + MIL) on the 20x file for 20x and
-   on the hospital's low-magnification export (``analysis.export``) for 5x and 10x; bytes per
-   slide of the 20x file and of its exports at the source's JPEG quality and at 80.
+   64 px (no MAGA), ``5x-maga`` student on 64 px, ``10x-maga`` student on 128 px, and
+   ``5x-export`` student on the hospital's 5x export (``analysis.export``, JPEG quality 80):
+   what the portal really receives.
+4. patient-level k-fold cross-validation of GLTrans, ABMIL, CLAM-SB and TransMIL per condition;
+   headline: pooled out-of-fold AUC with a patient-bootstrap CI, the fold mean beside it.
+5. baselines on plain 5x pixels (same folds): colour/OD statistics + logistic regression, and
+   the teacher's 5x features (mean over patches) + a linear probe. Both should sit near chance.
+6. speed (``--timing-slides``; 0 skips it): seconds per slide on the 20x file for 20x and on
+   the low-magnification export for 5x and 10x; bytes per slide of the files.
 
-Outputs in ``--out`` (default ``benchmarks/out/reproduce``): ``results.json``, ``results.csv``,
-``results.md``, ``roc_<model>.png`` and the per-run cross-validation reports under ``cv/``.
+``--seeds 0,1,2`` repeats 1-6 per cohort seed (MAGA is shared) and writes ``summary.md`` with
+the spread; ``--sweep 0.5,0.75,1`` adds 20x GLTrans runs per morphology strength.
+
+Outputs in ``--out`` (default ``benchmarks/out/reproduce``): per seed ``seed<N>/results.*`` and
+``roc_<model>.png``, cross-validation reports under ``seed<N>/cv/``; ``summary.json|md``.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/reproduce_synthetic.py
     .venv/bin/python benchmarks/reproduce_synthetic.py --patients 60 --folds 10 --size 6000
@@ -45,9 +55,22 @@ from analysis.files import json_ready as _jsonable  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "out" / "reproduce"
 MODELS = ("gltrans", "abmil", "clam_sb", "transmil")
-CONDITIONS = ("20x", "5x", "5x-maga", "10x-maga")
-CONDITION_MAG = {"20x": 20.0, "10x": 10.0, "5x": 5.0, "5x-maga": 5.0, "10x-maga": 10.0}
+CONDITIONS = ("20x", "5x", "5x-maga", "10x-maga", "5x-export")
+CONDITION_MAG = {
+    "20x": 20.0,
+    "10x": 10.0,
+    "5x": 5.0,
+    "5x-maga": 5.0,
+    "10x-maga": 10.0,
+    "5x-export": 5.0,
+}
 SOURCE_QUALITY = 90  # JPEG quality of the synthetic 20x slides
+EXPORT_QUALITY = 80  # the hospital's 5x export (analysis.export's default)
+MAGA_COHORT_SEED = 1_000_003  # the unlabeled MAGA cohort: no evaluation seed uses it
+FALLBACK_LABEL = (
+    "FALLBACK TEACHER: a seeded ResNet50-trunc with BatchNorm calibrated on unlabeled 20x "
+    "patches, NOT ImageNet weights; pass --teacher FILE for the paper's setting"
+)
 
 
 @dataclass
@@ -60,6 +83,8 @@ class ReproConfig:
     lesion_fraction: float = 0.3
     morphology_strength: float = 1.0
     teacher: Path | None = None  # ImageNet resnet50 weights; None: the calibrated seeded fallback
+    maga_patients: int = 8  # slides of the disjoint unlabeled MAGA cohort
+    maga_dir: Path | None = None  # where MAGA lives; default <out>/maga (shared across seeds)
     maga5_pairs: int = 16  # pairs per slide
     maga5_epochs: int = 6
     maga10_pairs: int = 8
@@ -78,6 +103,10 @@ class ReproConfig:
     precision: str = "auto"  # feature extraction: bf16 where the CPU has a fast path
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def maga_root(self) -> Path:
+        return self.maga_dir or self.out / "maga"
+
     def data_key(self) -> dict[str, Any]:
         """Settings that define the cached cohort, encoders and features."""
         keys = (
@@ -88,6 +117,7 @@ class ReproConfig:
             "lesion_fraction",
             "morphology_strength",
             "teacher",
+            "maga_patients",
             "maga5_pairs",
             "maga5_epochs",
             "maga10_pairs",
@@ -167,20 +197,47 @@ def slide_grids(cfg: ReproConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return grids
 
 
+def maga_cohort(cfg: ReproConfig) -> list[Path]:
+    """The unlabeled MAGA cohort: its own seed, never cross-validated (labels unused)."""
+    from analysis.synth import write_cohort
+
+    folder = cfg.maga_root / "cohort"
+    if not (folder / "labels.csv").is_file():
+        log(f"writing the disjoint MAGA cohort: {cfg.maga_patients} slides of {cfg.size} px")
+        write_cohort(
+            folder,
+            n_patients=cfg.maga_patients,
+            slides_per_patient=1,
+            width=cfg.size,
+            height=cfg.size,
+            seed=MAGA_COHORT_SEED,
+            lesion_fraction=cfg.lesion_fraction,
+            morphology_strength=cfg.morphology_strength,
+            quality=SOURCE_QUALITY,
+        )
+    return sorted(folder.glob("*.svs"))
+
+
 def train_students(cfg: ReproConfig, rows: list[dict[str, Any]]) -> dict[str, Path]:
-    """MAGA at 5x and 10x; returns the teacher and student weight files."""
+    """MAGA at 5x and 10x on the disjoint cohort; returns the teacher and student weight files.
+
+    ``rows`` (the evaluated cohort) is never read here: no test slide reaches MAGA or the
+    fallback teacher's BatchNorm calibration.
+    """
     from analysis.maga import MagaConfig, build_pair_cache, train_maga
 
-    paths = [r["path"] for r in rows]
+    del rows
+    paths = maga_cohort(cfg)
     weights: dict[str, Path] = {}
     teacher = cfg.teacher
     for mag, pairs, epochs in (
         (5, cfg.maga5_pairs, cfg.maga5_epochs),
         (10, cfg.maga10_pairs, cfg.maga10_epochs),
     ):
-        if f"{mag}x-maga" not in cfg.conditions and not (mag == 5 and teacher is None):
+        wanted = {f"{mag}x-maga"} | ({"5x-export"} if mag == 5 else set())
+        if not wanted & set(cfg.conditions) and not (mag == 5 and teacher is None):
             continue
-        run_dir = cfg.out / f"maga{mag}x"
+        run_dir = cfg.maga_root / f"maga{mag}x"
         student = run_dir / "student.safetensors"
         if not (run_dir / "maga.json").is_file():
             started = time.perf_counter()
@@ -203,12 +260,30 @@ def train_students(cfg: ReproConfig, rows: list[dict[str, Any]]) -> dict[str, Pa
         weights[f"{mag}x-maga"] = student
         if teacher is None:
             teacher = run_dir / "teacher.safetensors"  # the 10x run reuses the same teacher
-    weights["teacher"] = Path(teacher) if teacher else cfg.out / "maga5x" / "teacher.safetensors"
+    weights["teacher"] = (
+        Path(teacher) if teacher else cfg.maga_root / "maga5x" / "teacher.safetensors"
+    )
+    if cfg.teacher is None:
+        log(FALLBACK_LABEL)
     return weights
 
 
 def condition_encoder(condition: str, weights: dict[str, Path]) -> Path:
+    if condition == "5x-export":
+        return weights["5x-maga"]
     return weights[condition] if condition.endswith("-maga") else weights["teacher"]
+
+
+def export_5x(cfg: ReproConfig, row: dict[str, Any]) -> Path:
+    """The hospital's 5x export of a slide at JPEG quality 80 (cached)."""
+    from analysis.export import export_lowmag
+
+    folder = cfg.out / "exports"
+    folder.mkdir(exist_ok=True)
+    dst = folder / f"{row['slide_id']}-5x-q{EXPORT_QUALITY}.svs"
+    if not dst.is_file():
+        export_lowmag(row["path"], dst, magnification=5, quality=EXPORT_QUALITY)
+    return dst
 
 
 def extract_all(
@@ -219,6 +294,8 @@ def extract_all(
 
     from analysis.encoders import build_encoder
     from analysis.features import extract_features, save_h5
+    from analysis.slides import open_slide
+    from analysis.tissue import patch_grid
 
     torch.set_num_threads(cfg.threads)
     for condition in cfg.conditions:
@@ -232,8 +309,12 @@ def extract_all(
         )
         started, n = time.perf_counter(), 0
         for row in todo:
-            grid = grids[row["slide_id"]]
-            feats = extract_features(row["path"], grid, encoder, CONDITION_MAG[condition])
+            path, grid = row["path"], grids[row["slide_id"]]
+            if condition == "5x-export":  # the export file, on its own grid
+                path = export_5x(cfg, row)
+                with open_slide(path) as slide:
+                    grid = patch_grid(slide)
+            feats = extract_features(path, grid, encoder, CONDITION_MAG[condition])
             save_h5(folder / f"{row['slide_id']}.h5", feats)
             n += len(feats)
         rate = n / (time.perf_counter() - started)
@@ -314,7 +395,14 @@ def comparisons(cfg: ReproConfig) -> list[dict[str, Any]]:
     """Paired patient-bootstrap p-values of out-of-fold AUCs (same slides, same folds)."""
     from analysis.evaluate import compare_crossval, read_predictions
 
-    pairs = [("5x-maga", "5x"), ("5x-maga", "20x"), ("10x-maga", "20x"), ("5x", "20x")]
+    pairs = [
+        ("5x-maga", "5x"),
+        ("5x-maga", "20x"),
+        ("10x-maga", "20x"),
+        ("5x", "20x"),
+        ("5x-export", "20x"),
+        ("5x-export", "5x-maga"),
+    ]
     out = []
     for model in cfg.models:
         for a, b in pairs:
@@ -324,6 +412,73 @@ def comparisons(cfg: ReproConfig) -> list[dict[str, Any]]:
             pb = read_predictions(cfg.out / "cv" / b / model / "predictions.csv")
             test = compare_crossval(pa, pb, cfg.bootstrap, seed=cfg.seed)
             out.append({"model": model, "a": a, "b": b, **_jsonable(asdict(test))})
+    return out
+
+
+# --- baselines on plain 5x pixels -----------------------------------------------------------
+
+
+def colour_statistics(cfg: ReproConfig, rows: list[dict[str, Any]], grids: dict) -> np.ndarray:
+    """(slides, 20) colour/OD statistics of the 5x pixels, averaged over tissue patches."""
+    from analysis.slides import open_slide
+    from analysis.synthcheck import colour_od_stats
+
+    path = cfg.out / "baselines" / "colour5x.npy"
+    if path.is_file():
+        return np.load(path)
+    out = []
+    for row in rows:
+        grid = grids[row["slide_id"]]
+        with open_slide(row["path"]) as slide:
+            stats = [
+                colour_od_stats(slide.read_patch((int(x), int(y)), 5.0, grid.patch_um))
+                for x, y in grid.l0_xy
+            ]
+        out.append(np.mean(stats, axis=0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.stack(out))
+    return np.stack(out)
+
+
+def probe_auc(cfg: ReproConfig, rows: list[dict[str, Any]], x: np.ndarray) -> dict[str, Any]:
+    """Logistic regression on standardised slide vectors, the cross-validation's patient folds;
+    pooled out-of-fold AUC with a patient-bootstrap CI and the fold mean."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from analysis.evaluate import auc_score, bootstrap_auc_ci, patient_folds
+
+    patients = [str(r["patient_id"]) for r in rows]
+    labels = np.array([r["label"] for r in rows])
+    fold_of = patient_folds(patients, labels, cfg.folds, cfg.seed)
+    folds = np.array([fold_of[p] for p in patients])
+    probs = np.zeros((len(rows), 2))
+    fold_aucs = []
+    for fold in range(cfg.folds):
+        test = folds == fold
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
+        model.fit(x[~test], labels[~test])
+        probs[test] = model.predict_proba(x[test])
+        fold_aucs.append(auc_score(labels[test], probs[test]))
+    ci = bootstrap_auc_ci(labels, probs, np.array(patients), cfg.bootstrap, seed=cfg.seed)
+    finite = [a for a in fold_aucs if np.isfinite(a)]
+    return {
+        "auc_pooled": ci.estimate,
+        "auc_pooled_ci": [ci.low, ci.high],
+        "auc_mean": float(np.mean(finite)) if finite else None,
+    }
+
+
+def baselines(cfg: ReproConfig, rows: list[dict[str, Any]], grids: dict) -> dict[str, Any]:
+    """Plain 5x pixels: colour/OD statistics + LR; teacher 5x features (mean) + linear probe."""
+    out = {"colour_od_5x_lr": probe_auc(cfg, rows, colour_statistics(cfg, rows, grids))}
+    if "5x" in cfg.conditions:
+        bags = load_condition_bags(cfg, rows, "5x")
+        pooled = np.stack([np.asarray(b.features, dtype=np.float64).mean(axis=0) for b in bags])
+        out["teacher_5x_linear_probe"] = probe_auc(cfg, rows, pooled)
+    for name, b in out.items():
+        log(f"baseline {name}: pooled AUC {_f(b['auc_pooled'])} {b['auc_pooled_ci']}")
     return out
 
 
@@ -361,9 +516,13 @@ def measure_speed(
     from analysis.tissue import patch_grid
 
     torch.set_num_threads(cfg.threads)
+    if cfg.timing_slides < 1:
+        return {"timing": {}, "sizes": {}}
     files = exports(cfg, rows)
     timing: dict[str, Any] = {}
     for condition in cfg.conditions:
+        if condition == "5x-export":  # the same work as 5x-maga on a file of the same size
+            continue
         mag = CONDITION_MAG[condition]
         encoder = build_encoder(
             weights=condition_encoder(condition, weights), precision=cfg.precision
@@ -440,27 +599,37 @@ def _sizes(rows: list[dict[str, Any]], files: dict[str, dict[str, Path]]) -> dic
 
 
 def build_results(
-    cfg: ReproConfig, reports: dict, tests: list[dict], speed: dict, weights: dict
+    cfg: ReproConfig,
+    reports: dict,
+    tests: list[dict],
+    speed: dict,
+    weights: dict,
+    base: dict | None = None,
 ) -> dict:
     rows = []
+    timing = speed["timing"]
+    speed_of = {**{"5x-export": timing.get("5x-maga")}, **timing}
     for (condition, model), report in reports.items():
         s = report["summary"]
+        seconds = speed_of.get(condition)
         rows.append(
             {
                 "model": model,
                 "condition": condition,
+                "auc_pooled": s["auc_pooled"],
+                "auc_pooled_ci_low": s["auc_pooled_ci"][0],
+                "auc_pooled_ci_high": s["auc_pooled_ci"][1],
                 "auc_mean": s["auc_mean"],
                 "auc_ci_low": s["auc_mean_ci"][0],
                 "auc_ci_high": s["auc_mean_ci"][1],
-                "auc_pooled": s["auc_pooled"],
                 "accuracy_mean": s["accuracy_mean"],
                 "macro_f1_mean": s["macro_f1_mean"],
-                "seconds_per_slide": speed["timing"][condition]["seconds_per_slide"][model],
+                "seconds_per_slide": seconds["seconds_per_slide"][model] if seconds else None,
             }
         )
     maga = {}
     for mag in (5, 10):
-        path = cfg.out / f"maga{mag}x" / "maga.json"
+        path = cfg.maga_root / f"maga{mag}x" / "maga.json"
         if path.is_file():
             m = json.loads(path.read_text())
             maga[f"{mag}x"] = {
@@ -473,7 +642,9 @@ def build_results(
     return {
         "config": _jsonable({k: v for k, v in asdict(cfg).items() if k != "extra"}),
         "teacher": str(weights["teacher"]),
+        "teacher_label": FALLBACK_LABEL if cfg.teacher is None else f"teacher: {cfg.teacher}",
         "rows": rows,
+        "baselines": base or {},
         "comparisons": tests,
         "speed": speed,
         "maga": maga,
@@ -482,9 +653,10 @@ def build_results(
 
 
 def _auc(rows: list[dict], model: str, condition: str) -> float | None:
+    """Pooled out-of-fold AUC (the headline measure)."""
     for r in rows:
         if r["model"] == model and r["condition"] == condition:
-            return r["auc_mean"]
+            return r["auc_pooled"]
     return None
 
 
@@ -496,6 +668,9 @@ def _targets(rows: list[dict], speed: dict) -> dict[str, Any]:
         out["maga5_within_0.03_of_20x"] = bool(a20 - am <= 0.03)
         out["no_maga5_gap_to_20x"] = a20 - a5
         out["no_maga5_at_least_0.10_below_20x"] = bool(a20 - a5 >= 0.10)
+    a_export = _auc(rows, "gltrans", "5x-export")
+    if a20 is not None and a_export is not None and np.isfinite(a_export):
+        out["export5x_gap_to_20x"] = a20 - a_export
     t = speed["timing"]
     if "20x" in t and "5x-maga" in t:
         ratio = (
@@ -510,6 +685,10 @@ def markdown(results: dict) -> str:
     rows, conditions = results["rows"], list(results["config"]["conditions"])
     models = list(results["config"]["models"])
     lines = [
+        f"**{results['teacher_label']}**",
+        "",
+        "Pooled out-of-fold AUC (95% patient-bootstrap CI); fold-mean AUC beside it [in brackets].",
+        "",
         "| Model | " + " | ".join(f"AUC {c}" for c in conditions) + " |",
         "|---|" + "---|" * len(conditions),
     ]
@@ -517,17 +696,31 @@ def markdown(results: dict) -> str:
         cells = []
         for c in conditions:
             r = next(r for r in rows if r["model"] == model and r["condition"] == c)
-            cells.append(f"{_f(r['auc_mean'])} ({_f(r['auc_ci_low'])}-{_f(r['auc_ci_high'])})")
+            cells.append(
+                f"{_f(r['auc_pooled'])} ({_f(r['auc_pooled_ci_low'])}-"
+                f"{_f(r['auc_pooled_ci_high'])}) [{_f(r['auc_mean'])}]"
+            )
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    base = results.get("baselines") or {}
+    if base:
+        lines += ["", "| Baseline on plain 5x pixels | pooled AUC (95% CI) | fold mean |"]
+        lines += ["|---|---|---|"]
+        for name, b in base.items():
+            low, high = b["auc_pooled_ci"]
+            lines.append(
+                f"| {name} | {_f(b['auc_pooled'])} ({_f(low)}-{_f(high)}) | {_f(b['auc_mean'])} |"
+            )
     t = results["speed"]["timing"]
-    lines += [
-        "",
-        "| Condition | Patches/slide | Grid s | Read+encode s | "
-        + " | ".join(f"{m} s/slide" for m in models)
-        + " |",
-        "|---|---|---|---|" + "---|" * len(models),
-    ]
-    for c in conditions:
+    timed = [c for c in conditions if c in t]
+    if timed:
+        lines += [
+            "",
+            "| Condition | Patches/slide | Grid s | Read+encode s | "
+            + " | ".join(f"{m} s/slide" for m in models)
+            + " |",
+            "|---|---|---|---|" + "---|" * len(models),
+        ]
+    for c in timed:
         s = t[c]
         lines.append(
             f"| {c} | {s['patches_per_slide']:.0f} | {s['grid_s']:.2f} | {s['features_s']:.2f} | "
@@ -545,26 +738,38 @@ def markdown(results: dict) -> str:
             f"{c['delta']:+.3f} ({c['delta_low']:+.3f} to {c['delta_high']:+.3f}) | {c['p_value']:.4f} |"
         )
     z = results["speed"]["sizes"]
-    lines += [
-        "",
-        f"Bytes per slide: 20x {z['bytes_20x'] / 1e6:.2f} MB; 5x export at the source's JPEG quality "
-        f"{z['bytes_5x-q90'] / 1e6:.3f} MB ({z['ratio_5x-q90']:.1f}x smaller), at quality 80 "
-        f"{z['bytes_5x-q80'] / 1e6:.3f} MB ({z['ratio_5x-q80']:.1f}x); 10x export "
-        f"{z['bytes_10x-q90'] / 1e6:.3f} MB ({z['ratio_10x-q90']:.1f}x).",
-    ]
+    if z:
+        lines += [
+            "",
+            f"Bytes per slide: 20x {z['bytes_20x'] / 1e6:.2f} MB; 5x export at the source's JPEG "
+            f"quality {z['bytes_5x-q90'] / 1e6:.3f} MB ({z['ratio_5x-q90']:.1f}x smaller), at "
+            f"quality 80 {z['bytes_5x-q80'] / 1e6:.3f} MB ({z['ratio_5x-q80']:.1f}x); 10x export "
+            f"{z['bytes_10x-q90'] / 1e6:.3f} MB ({z['ratio_10x-q90']:.1f}x).",
+        ]
     for mag, m in results["maga"].items():
         a = m["alignment"]
         if a:
             lines.append(
-                f"MAGA {mag}: {m['pairs']} pairs, {m['epochs']} epochs ({m['train_seconds']:.0f}s); hold-out distance "
-                f"to the 20x embedding {a['unaligned']:.3f} (teacher on {mag}) -> {a['aligned']:.3f} (student)."
+                f"MAGA {mag} (disjoint unlabeled cohort): {m['pairs']} pairs, {m['epochs']} epochs "
+                f"({m['train_seconds']:.0f}s); hold-out distance to the 20x embedding "
+                f"{a['unaligned']:.3f} (teacher on {mag}) -> {a['aligned']:.3f} (student)."
             )
     tg = results["targets"]
     if "maga5_gap_to_20x" in tg:
         lines.append(
-            f"GLTrans: 20x - MAGA 5x = {tg['maga5_gap_to_20x']:+.3f} AUC (target <= 0.03); "
-            f"20x - 5x without MAGA = {tg['no_maga5_gap_to_20x']:+.3f} (target >= 0.10); "
-            f"speed-up 5x MAGA vs 20x = {tg.get('speedup_5x_vs_20x_gltrans', float('nan')):.1f}x (target >= 8x)."
+            f"GLTrans, pooled: 20x - MAGA 5x = {tg['maga5_gap_to_20x']:+.3f} AUC (target <= 0.03); "
+            f"20x - 5x without MAGA = {tg['no_maga5_gap_to_20x']:+.3f} (target >= 0.10)"
+            + (
+                f"; 20x - MAGA on the 5x export = {tg['export5x_gap_to_20x']:+.3f}"
+                if "export5x_gap_to_20x" in tg
+                else ""
+            )
+            + (
+                f"; speed-up 5x MAGA vs 20x = {tg['speedup_5x_vs_20x_gltrans']:.1f}x (target >= 8x)"
+                if "speedup_5x_vs_20x_gltrans" in tg
+                else ""
+            )
+            + "."
         )
     return "\n".join(lines) + "\n"
 
@@ -576,6 +781,8 @@ def write_outputs(cfg: ReproConfig, results: dict) -> None:
         writer.writeheader()
         writer.writerows(results["rows"])
     (cfg.out / "results.md").write_text(markdown(results))
+    if cfg.teacher is None:
+        log(FALLBACK_LABEL)
     plot_rocs(cfg)
 
 
@@ -628,11 +835,119 @@ def run(cfg: ReproConfig) -> dict:
     extract_all(cfg, rows, grids, weights)
     reports = run_crossval(cfg, rows)
     tests = comparisons(cfg)
+    base = baselines(cfg, rows, grids)
     speed = measure_speed(cfg, rows, weights)
-    results = build_results(cfg, reports, tests, speed, weights)
+    results = build_results(cfg, reports, tests, speed, weights, base)
     results["wall_seconds"] = time.perf_counter() - started
     write_outputs(cfg, results)
     return results
+
+
+def run_seeds(cfg: ReproConfig, seeds: list[int], sweep: list[float]) -> dict:
+    """One run per cohort seed (MAGA shared), a morphology-strength sweep, and the spread."""
+    from dataclasses import replace
+
+    root = cfg.out
+    root.mkdir(parents=True, exist_ok=True)
+    shared = replace(cfg, maga_dir=cfg.maga_dir or root / "maga")
+    per_seed = {}
+    for seed in seeds:
+        log(f"=== cohort seed {seed}")
+        per_seed[seed] = run(replace(shared, out=root / f"seed{seed}", seed=seed))
+    sweep_rows = []
+    for strength in sweep:
+        log(f"=== sweep: morphology strength {strength}, 20x GLTrans, seed {seeds[0]}")
+        swept = run(
+            replace(
+                shared,
+                out=root / f"sweep-{strength:g}",
+                seed=seeds[0],
+                morphology_strength=strength,
+                conditions=("20x", "5x"),
+                models=("gltrans",),
+                timing_slides=0,
+            )
+        )
+        row = next(r for r in swept["rows"] if r["condition"] == "20x")
+        sweep_rows.append(
+            {
+                "strength": strength,
+                "auc_20x_pooled": row["auc_pooled"],
+                "auc_20x_mean": row["auc_mean"],
+                "colour_od_5x_lr": swept["baselines"]["colour_od_5x_lr"]["auc_pooled"],
+            }
+        )
+    summary = summarise_seeds(per_seed, sweep_rows, cfg)
+    (root / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    (root / "summary.md").write_text(summary_markdown(summary))
+    return summary
+
+
+def summarise_seeds(per_seed: dict[int, dict], sweep_rows: list[dict], cfg: ReproConfig) -> dict:
+    cells: dict[str, dict[str, list[float]]] = {}
+    for results in per_seed.values():
+        for r in results["rows"]:
+            cell = cells.setdefault(f"{r['model']}|{r['condition']}", {"pooled": [], "mean": []})
+            cell["pooled"].append(r["auc_pooled"])
+            cell["mean"].append(r["auc_mean"])
+        for name, b in results["baselines"].items():
+            cell = cells.setdefault(f"baseline|{name}", {"pooled": [], "mean": []})
+            cell["pooled"].append(b["auc_pooled"])
+            cell["mean"].append(b["auc_mean"])
+    spread = {}
+    for key, cell in cells.items():
+        pooled = np.array([np.nan if v is None else v for v in cell["pooled"]], dtype=float)
+        means = np.array([np.nan if v is None else v for v in cell["mean"]], dtype=float)
+        spread[key] = {
+            "pooled_by_seed": pooled.tolist(),
+            "pooled_mean": float(np.nanmean(pooled)),
+            "pooled_sd": float(np.nanstd(pooled, ddof=1)) if len(pooled) > 1 else None,
+            "pooled_min": float(np.nanmin(pooled)),
+            "pooled_max": float(np.nanmax(pooled)),
+            "fold_mean_mean": float(np.nanmean(means)),
+        }
+    first = next(iter(per_seed.values()))
+    return {
+        "seeds": list(per_seed),
+        "teacher_label": first["teacher_label"],
+        "config": first["config"],
+        "spread": spread,
+        "sweep": sweep_rows,
+        "wall_seconds": {str(k): v.get("wall_seconds") for k, v in per_seed.items()},
+    }
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = [
+        f"**{summary['teacher_label']}**",
+        "",
+        f"Cohort seeds {', '.join(str(s) for s in summary['seeds'])}: pooled out-of-fold AUC, "
+        "mean ± sd over seeds [min-max]; fold-mean AUC averaged over seeds beside it.",
+        "",
+        "| Model | Condition | pooled AUC mean ± sd [min-max] | per seed | fold mean |",
+        "|---|---|---|---|---|",
+    ]
+    for key, c in summary["spread"].items():
+        model, condition = key.split("|")
+        sd = "n/a" if c["pooled_sd"] is None else f"{c['pooled_sd']:.3f}"
+        lines.append(
+            f"| {model} | {condition} | {c['pooled_mean']:.3f} ± {sd} "
+            f"[{c['pooled_min']:.3f}-{c['pooled_max']:.3f}] | "
+            + ", ".join(_f(v) for v in c["pooled_by_seed"])
+            + f" | {c['fold_mean_mean']:.3f} |"
+        )
+    if summary["sweep"]:
+        lines += [
+            "",
+            "| Morphology strength | GLTrans 20x pooled AUC | fold mean | colour/OD 5x + LR |",
+            "|---|---|---|---|",
+        ]
+        for r in summary["sweep"]:
+            lines.append(
+                f"| {r['strength']:g} | {_f(r['auc_20x_pooled'])} | {_f(r['auc_20x_mean'])} | "
+                f"{_f(r['colour_od_5x_lr'])} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> ReproConfig:
@@ -647,7 +962,15 @@ def parse_args(argv: list[str] | None = None) -> ReproConfig:
     p.add_argument("--size", type=int, default=d.size, help="slide side, level-0 px at 20x")
     p.add_argument("--lesion-fraction", type=float, default=d.lesion_fraction)
     p.add_argument("--morphology-strength", type=float, default=d.morphology_strength)
-    p.add_argument("--teacher", type=Path, default=None, help="ImageNet resnet50 weights file")
+    p.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="ImageNet resnet50 weights (torchvision layout); without it a loudly labelled "
+        "seeded fallback",
+    )
+    p.add_argument("--maga-patients", type=int, default=d.maga_patients)
+    p.add_argument("--maga-dir", type=Path, default=None, help="MAGA folder (default <out>/maga)")
     p.add_argument("--maga5-pairs", type=int, default=d.maga5_pairs, help="pairs per slide")
     p.add_argument("--maga5-epochs", type=int, default=d.maga5_epochs)
     p.add_argument("--maga10-pairs", type=int, default=d.maga10_pairs)
@@ -665,7 +988,11 @@ def parse_args(argv: list[str] | None = None) -> ReproConfig:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--jobs", type=int, default=d.jobs, help="parallel cross-validation runs")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap)
+    p.add_argument("--seeds", default="", help="cohort seeds, e.g. 0,1,2 (a run per seed)")
+    p.add_argument("--sweep", default="", help="morphology strengths for 20x runs, e.g. 0.5,1")
     a = p.parse_args(argv)
+    if a.teacher is not None and not a.teacher.is_file():
+        p.error(f"--teacher {a.teacher}: no such file")
     conditions = tuple(a.conditions.split(","))
     unknown = [c for c in conditions if c not in CONDITION_MAG]
     if unknown:
@@ -679,6 +1006,8 @@ def parse_args(argv: list[str] | None = None) -> ReproConfig:
         lesion_fraction=a.lesion_fraction,
         morphology_strength=a.morphology_strength,
         teacher=a.teacher,
+        maga_patients=a.maga_patients,
+        maga_dir=a.maga_dir,
         maga5_pairs=a.maga5_pairs,
         maga5_epochs=a.maga5_epochs,
         maga10_pairs=a.maga10_pairs,
@@ -694,11 +1023,22 @@ def parse_args(argv: list[str] | None = None) -> ReproConfig:
         threads=a.threads,
         jobs=a.jobs,
         bootstrap=a.bootstrap,
+        extra={
+            "seeds": [int(v) for v in a.seeds.split(",") if v.strip()],
+            "sweep": [float(v) for v in a.sweep.split(",") if v.strip()],
+        },
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    results = run(parse_args(argv))
+    cfg = parse_args(argv)
+    seeds, sweep = cfg.extra.get("seeds") or [], cfg.extra.get("sweep") or []
+    if seeds or sweep:
+        summary = run_seeds(cfg, seeds or [cfg.seed], sweep)
+        print(summary_markdown(summary))
+        print(f"outputs in {cfg.out}")
+        return 0
+    results = run(cfg)
     print(markdown(results))
     print(f"wall time {results['wall_seconds']:.0f}s; outputs in {results['config']['out']}")
     return 0

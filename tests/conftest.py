@@ -19,9 +19,10 @@ os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_SLIDES = REPO_ROOT.parent / "shared" / "slides"
 
-pytest_plugins = (
-    ["tests.portal_fixtures"] if (Path(__file__).parent / "portal_fixtures.py").exists() else []
-)
+pytest_plugins = [
+    *(["tests.portal_fixtures"] if (Path(__file__).parent / "portal_fixtures.py").exists() else []),
+    "tests.browser_fixtures",  # one daphne portal and one Chromium for all browser test modules
+]
 
 
 @pytest.fixture(scope="session", autouse=True)

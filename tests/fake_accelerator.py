@@ -75,3 +75,44 @@ class FakeAcceleratorEncoderNet(_Recorder):
         b = x.shape[0]
         rows = torch.arange(b * self.embed_dim, dtype=torch.float32).reshape(b, self.embed_dim)
         return on_accelerator(torch.sin(rows))
+
+
+def out_of_memory(what: str) -> torch.OutOfMemoryError:
+    return torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {what}")
+
+
+class MemoryLimitedNet(nn.Module):
+    """A real encoder network on a device with little memory: batches above ``max_batch``
+    raise ``torch.OutOfMemoryError`` as CUDA does; smaller ones run the real network."""
+
+    def __init__(self, net: nn.Module, max_batch: int) -> None:
+        super().__init__()
+        self.net = net
+        self.max_batch = max_batch
+        self.embed_dim = net.embed_dim
+        self.batch_sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batch_sizes.append(int(x.shape[0]))
+        if x.shape[0] > self.max_batch:
+            raise out_of_memory(f"{x.shape[0]} patches")
+        return self.net(x)
+
+
+def limit_attention_memory(monkeypatch, max_scores: int) -> list[int]:
+    """Make every softmax attention whose score matrix holds more than ``max_scores`` values
+    raise ``torch.OutOfMemoryError``; returns the list of score sizes that ran."""
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+    ran: list[int] = []
+
+    def limited(q, k, v, *args, **kwargs):
+        scores = q.shape[:-1].numel() * k.shape[-2]
+        if scores > max_scores:
+            raise out_of_memory(f"{scores} attention scores")
+        ran.append(scores)
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", limited)
+    return ran

@@ -161,3 +161,43 @@ def test_import_needs_a_slide_id(client_a):
 def test_a_nul_character_in_a_name_is_a_400(client_a, slide_a):
     feature = {**QUPATH_FEATURE, "properties": {"name": "bad\u0000name"}}
     assert _import(client_a, slide_a, feature).status_code == 400
+
+
+def test_import_merges_by_default_replace_swaps_only_my_annotations(
+    client_a, slide_a, api_client_for, path_a
+):
+    assert _import(client_a, slide_a, QUPATH_FEATURE).status_code == 201
+    merged = _import(client_a, slide_a, POINT_FEATURE).json()
+    assert merged["created"] == 1 and merged["replaced"] == 0
+    assert Annotation.objects.filter(slide=slide_a, deleted=False).count() == 2
+    bad = client_a.post(
+        f"/api/v1/annotations/import/?slide={slide_a.pk}&mode=wipe", POINT_FEATURE, format="json"
+    )
+    assert bad.status_code == 400 and "merge" in str(bad.json())
+    replaced = client_a.post(
+        f"/api/v1/annotations/import/?slide={slide_a.pk}&mode=replace",
+        QUPATH_FEATURE,
+        format="json",
+    ).json()
+    assert replaced["created"] == 1 and replaced["replaced"] == 2
+    assert Annotation.objects.filter(slide=slide_a, deleted=False).count() == 1
+    event = AuditEvent.objects.filter(action="annotation.import").latest("pk")
+    assert event.details["mode"] == "replace" and event.details["replaced"] == 2
+
+
+def test_a_qupath_multipoint_becomes_one_point_each(client_a, slide_a):
+    feature = {
+        "type": "Feature",
+        "geometry": {"type": "MultiPoint", "coordinates": [[10, 20], [30, 40.5]]},
+        "properties": {"classification": {"name": "Immune cells", "color": [160, 90, 160]}},
+    }
+    created = _import(client_a, slide_a, feature)
+    assert created.status_code == 201 and created.json()["created"] == 2
+    points = Annotation.objects.filter(slide=slide_a).order_by("pk")
+    assert [a.geometry for a in points] == [
+        {"type": "Point", "coordinates": [10, 20]},
+        {"type": "Point", "coordinates": [30, 40.5]},
+    ]
+    assert {a.classification_name for a in points} == {"Immune cells"}
+    empty = _import(client_a, slide_a, {**feature, "geometry": {"type": "MultiPoint"}})
+    assert empty.status_code == 400 and "MultiPoint" in str(empty.json())

@@ -1,42 +1,25 @@
 """The viewer in a real browser: Debian's Chromium driven by Playwright against daphne.
 
-A session fixture builds a throw-away portal (SQLite file, data folder with the CMU slide, a
-prediction with instance scores, 5000 annotations on a second case), starts daphne on a free
-port and stops it by PID. Screenshots of each step go to ``test-artifacts/``.
+The session fixtures of ``tests/browser_fixtures.py`` serve a throw-away portal seeded by
+``seed_portal`` here (the CMU slide, a prediction with instance scores, 5000 annotations on a
+second case) through daphne. Screenshots of each step go to ``test-artifacts/``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import sqlite3
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, shared_slide
+from tests.browser_fixtures import ARTIFACTS, CHROMIUM, PASSWORD, Session
+from tests.conftest import REPO_ROOT
 
-CHROMIUM = Path("/usr/bin/chromium")
 DIST = REPO_ROOT / "frontend" / "dist" / "viewer.js"
-ARTIFACTS = REPO_ROOT / "test-artifacts"
-PASSWORD = "lowmag-browser-pw-7"
 N_BULK_ANNOTATIONS = 5000
 FIRST_TILE_BUDGET_MS = 1500
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--enable-unsafe-swiftshader",
-]
 
 pytestmark = [
     pytest.mark.browser,
@@ -189,159 +172,10 @@ def seed_portal(slide_src: str) -> dict:
         "case_a": case_a.pk,
         "slide_a": slide_a.pk,
         "case_bulk": case_bulk.pk,
+        "slide_bulk": slide_bulk.pk,
         "case_b": case_b.pk,
         "slide_b": slide_b.pk,
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _portal_env(tmp: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "LOWMAG_REQUIRE_SERVICES")}
-    env.update(
-        DJANGO_SETTINGS_MODULE="portal.settings",
-        LOWMAG_DATA_DIR=str(tmp / "data"),
-        DATABASE_URL=f"sqlite:///{tmp / 'portal.sqlite3'}",
-        DEBUG="false",
-        LOWMAG_TASK_MODE="sync",
-        OMP_WAIT_POLICY="PASSIVE",
-        PYTHONPATH=str(REPO_ROOT),
-    )
-    return env
-
-
-def _run(args: list[str], env: dict) -> str:
-    done = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
-    if done.returncode:
-        raise RuntimeError(
-            f"{' '.join(args[:3])} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-        )
-    return done.stdout
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"daphne exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("daphne did not answer /healthz in time")
-
-
-@pytest.fixture(scope="session")
-def portal(tmp_path_factory):
-    slide_src = shared_slide("cmu-1-small-region.svs")
-    tmp = tmp_path_factory.mktemp("browser-portal")
-    env = _portal_env(tmp)
-    python = sys.executable
-    _run([python, "manage.py", "migrate", "--noinput", "-v", "0"], env)
-    seeded = _run(
-        [
-            python,
-            "-c",
-            "import django, json; django.setup(); from tests.test_browser import seed_portal; "
-            f"print(json.dumps(seed_portal({str(slide_src)!r})))",
-        ],
-        env,
-    )
-    ids = json.loads(seeded.strip().splitlines()[-1])
-    port = _free_port()
-    log = (tmp / "daphne.log").open("w")
-    server = subprocess.Popen(
-        [python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, server)
-        yield {"url": url, "db": tmp / "portal.sqlite3", "log": tmp / "daphne.log", **ids}
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-
-
-@pytest.fixture(scope="session")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-class Session:
-    """One browser context (one user), its page, console errors and failed responses."""
-
-    def __init__(self, browser, portal, name: str):
-        self.portal = portal
-        self.name = name
-        self.context = browser.new_context(
-            viewport={"width": 1366, "height": 768}, accept_downloads=True
-        )
-        self.page = self.context.new_page()
-        self.errors: list[str] = []
-        self.tiles: list[tuple[str, int]] = []
-        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("response", self._on_response)
-        self.step = 0
-        ARTIFACTS.mkdir(exist_ok=True)
-
-    def _on_response(self, response) -> None:
-        if "_files/" in response.url:
-            self.tiles.append((response.url, response.status))
-
-    def url(self, path: str) -> str:
-        return self.portal["url"] + path
-
-    def shot(self, label: str) -> None:
-        self.step += 1
-        self.page.screenshot(path=str(ARTIFACTS / f"{self.name}-{self.step:02d}-{label}.png"))
-
-    def login(self, username: str) -> None:
-        self.page.goto(self.url("/"))
-        assert "/login/" in self.page.url, "an anonymous visitor must land on the login page"
-        self.page.fill("#id_username", username)
-        self.page.fill("#id_password", PASSWORD)
-        self.page.click("button[type=submit]")
-        self.page.wait_for_selector("table.cases")
-
-    def wait_js(self, expression: str, timeout_ms: int = 15000) -> None:
-        self.page.wait_for_function(expression, timeout=timeout_ms)
-
-    def close(self) -> None:
-        self.context.close()
-
-
-@pytest.fixture
-def session(browser, portal, request):
-    sessions: list[Session] = []
-
-    def make(name: str) -> Session:
-        s = Session(browser, portal, f"{request.node.name[5:40]}-{name}")
-        sessions.append(s)
-        return s
-
-    yield make
-    for s in sessions:
-        s.close()
 
 
 # ---------------------------------------------------------------- helpers run in the page
@@ -490,7 +324,9 @@ def test_pathologist_reviews_annotates_exports_and_signs_a_case(session, portal)
     collection = json.loads(exported.read_text())
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 1
     assert collection["features"][0]["geometry"]["type"] == "Polygon"
+    page.click("#import-open")
     page.set_input_files("#import-geojson", str(exported))
+    page.click("#import-confirm")
     s.wait_js("() => window.__lowmag.annotationLoad?.count === 2")
     s.shot("geojson-reimported")
 

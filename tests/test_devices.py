@@ -16,6 +16,8 @@ from tests.fake_accelerator import (
     AcceleratorTensor,
     FakeAcceleratorEncoderNet,
     FakeAcceleratorMIL,
+    MemoryLimitedNet,
+    limit_attention_memory,
 )
 
 
@@ -74,6 +76,54 @@ def test_an_out_of_memory_bag_fails_with_its_size_named():
 
     with pytest.raises(AnalysisError, match=r"bag of 1234 patches x 8 features.*memory"):
         run_mil(Exhausted(), np.zeros((1234, 8), np.float32), np.zeros((1234, 2), np.int64))
+
+
+def test_an_out_of_memory_bag_is_retried_with_chunked_attention_and_gives_the_same_result(
+    monkeypatch,
+):
+    from analysis.mil import bag, build_mil
+
+    torch.manual_seed(0)
+    config = {"in_dim": 16, "dim": 32, "n_heads": 4, "depth": 2, "n_classes": 3}
+    mil = build_mil("gltrans", config).eval()
+    rng = np.random.default_rng(0)
+    n = 500  # 1 + n tokens: one (4, 501, 501) score matrix is ~1M values
+    features = rng.normal(size=(n, 16)).astype(np.float32)
+    grid_rc = np.stack(np.divmod(np.arange(n), 25), axis=1)
+    expected = run_mil(mil, features, grid_rc)  # unlimited memory
+
+    ran = limit_attention_memory(monkeypatch, max_scores=4 * 501 * 100)
+    monkeypatch.setattr(bag, "LOW_MEMORY_CHUNK_ELEMENTS", 4 * 501 * 64)
+    probabilities, scores = run_mil(mil, features, grid_rc)
+    assert ran and max(ran) <= 4 * 501 * 64  # it ran, in chunks of 64 queries
+    np.testing.assert_allclose(probabilities, expected[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scores, expected[1], rtol=0, atol=1e-6)
+
+    monkeypatch.setattr(bag, "LOW_MEMORY_CHUNK_ELEMENTS", 4 * 501 * 200)  # chunks too big too
+    with pytest.raises(AnalysisError, match=r"bag of 500 patches x 16 features.*chunked"):
+        run_mil(mil, features, grid_rc)
+
+
+def test_the_encoder_halves_its_batch_on_out_of_memory_and_gives_the_same_embeddings():
+    from analysis.encoders import ResNet50Trunc
+
+    torch.manual_seed(0)
+    net = ResNet50Trunc().eval()
+    patches = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    expected = Encoder(name="r", model=net, dim=1024, weights_source="t", device="cpu").embed(
+        patches
+    )
+    limited = MemoryLimitedNet(net, max_batch=3)
+    encoder = Encoder(
+        name="r", model=limited, dim=1024, weights_source="t", device="cpu", batch_size=8
+    )
+    np.testing.assert_allclose(encoder.embed(patches), expected, rtol=1e-5, atol=1e-5)
+    assert limited.batch_sizes[:3] == [8, 4, 2] and max(limited.batch_sizes[2:]) <= 3
+    assert encoder.batch_size == 2  # later batches start at the size that fitted
+
+    limited.max_batch = 0
+    with pytest.raises(AnalysisError, match=r"one 32x32 px patch does not fit.*encoder"):
+        encoder.embed(patches)
 
 
 def test_device_resolution_follows_flag_then_environment(monkeypatch):

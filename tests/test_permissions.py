@@ -153,6 +153,8 @@ MATRIX: dict[tuple[str, str], Row] = {
     ),
     ("secondopinion", "partial_update"): Row(PATHOLOGIST_WRITE, {"reason": "hmm"}),
     ("secondopinion", "close"): Row(PATHOLOGIST_WRITE),
+    # the request is path_a's own: a second opinion comes from someone else
+    ("secondopinion", "answer"): Row(expect(200, 403, 404, 403), {"answer": "Agree."}),
     ("worklist", "list"): Row(LIST),
     ("apitoken", "list"): Row(ADMIN_ONLY),
     ("apitoken", "create"): Row(

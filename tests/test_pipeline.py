@@ -75,6 +75,10 @@ def test_predict_on_cmu_gives_probabilities_scores_per_cell_and_timings(loaded):
     assert np.all((result.instance_scores >= 0) & (result.instance_scores <= 1))
     assert {"open", "tissue", "features", "mil", "total"} <= set(result.timings)
     assert result.predicted_class in ("normal", "lesion")
+    # class evidence: signed, one per cell, for the call or (on a normal call) for lesion
+    assert len(result.evidence_scores) == len(result.instance_scores)
+    assert np.isfinite(result.evidence_scores).all()
+    assert result.evidence_class == "lesion"
 
 
 def test_predict_is_deterministic(loaded):
@@ -185,3 +189,40 @@ def test_clusters_on_an_accelerator_path_separate_the_same_kinds():
     again = _kmeans_torch(features.astype(np.float32), 2, 0, 32, "cpu")
     assert np.array_equal(labels, again)  # seeded: deterministic
     assert set(cluster_instances(features, k=2, device="meta")[:60]) == {0}  # no data: sklearn
+
+
+def test_predict_slides_encodes_across_slides_and_matches_one_slide_at_a_time(loaded, tmp_path):
+    from analysis.errors import AnalysisError
+    from analysis.pipeline import predict_slides
+
+    slide = shared_slide("cmu-1-small-region.svs")
+    alone = [
+        predict_slide(loaded, slide, batch_size=48),
+        predict_slide(loaded, slide, min_tissue=0.6, batch_size=48),
+    ]
+    calls: list[int] = []
+    embed = loaded.encoder.embed
+
+    def counting(patches):
+        calls.append(len(patches))
+        return embed(patches)
+
+    loaded.encoder.embed = counting
+    try:
+        batched = predict_slides(loaded, [slide, slide], batch_size=48)
+        mixed = predict_slides(loaded, [slide], min_tissue=0.6, batch_size=48)
+    finally:
+        del loaded.encoder.embed
+    n = alone[0].n_patches
+    assert n % 48 and calls[: n // 48 + 1] == [48] * (n // 48 + 1)  # a batch spans both slides
+    for one, many in zip([alone[0], alone[0], alone[1]], batched + mixed, strict=True):
+        assert many.slide == one.slide and many.predicted_class == one.predicted_class
+        assert list(many.probabilities) == list(one.probabilities)
+        np.testing.assert_allclose(
+            list(many.probabilities.values()), list(one.probabilities.values()), atol=1e-5
+        )
+        np.testing.assert_allclose(many.instance_scores, one.instance_scores, atol=1e-4)
+        np.testing.assert_array_equal(many.grid.l0_xy, one.grid.l0_xy)
+        assert set(many.timings) == set(one.timings)
+    with pytest.raises(AnalysisError):
+        predict_slides(loaded, [slide, tmp_path / "missing.svs"])

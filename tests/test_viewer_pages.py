@@ -142,3 +142,13 @@ def test_top_regions_suppression_keeps_order_and_limit():
 
 def test_static_asset_view_refuses_unknown_files(client, db):
     assert client.get("/static/no-such-file.js").status_code == 404
+
+
+def test_top_regions_fill_with_neighbouring_hot_cells_never_with_empty_ones():
+    grid_rc = np.array([[r, c] for r in range(6) for c in range(6)])
+    scores = np.zeros(36)
+    scores[[14, 15, 20, 21]] = [0.95, 0.9, 0.8, 0.3]  # one hot spot: (2,2) (2,3) (3,2) (3,3)
+    picked = top_regions(scores, grid_rc, k=12)
+    # the spot's best cell, then its neighbours down to half the top score; no 0.00 padding
+    assert picked == [14, 15, 20]
+    assert top_regions(np.zeros(36), grid_rc, k=12) == []

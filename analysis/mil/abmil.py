@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from analysis.mil.bag import as_bag, bag_output
+from analysis.mil.evidence import contrast
 
 
 @dataclass
@@ -56,3 +57,15 @@ class ABMIL(nn.Module):
         weights = self.attention(h).softmax(dim=0)  # (N,)
         logits = self.head(weights @ h)  # (C,)
         return bag_output(logits, batched), weights
+
+    def instance_evidence(
+        self, features: Tensor, coords: Tensor | None = None, target: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(C,) logits, (N,) attention and (N,) class evidence (``analysis.mil.evidence``)."""
+        features, _, _ = as_bag(features, coords)
+        param = self.head.weight
+        h = self.embed(features.to(device=param.device, dtype=param.dtype))  # (N, D)
+        weights = self.attention(h).softmax(dim=0)  # (N,)
+        logits = self.head(weights @ h)  # (C,)
+        target = int(logits.argmax()) if target is None else target
+        return logits, weights, contrast(self.head(h), weights, target)

@@ -6,6 +6,9 @@ GLTrans and the baselines (ABMIL, CLAM-SB, TransMIL) import these; none imports 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +17,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SMALL_BAG = 2048  # below this many tokens an N x N matrix is harmless: any SDPA kernel will do
 CHUNK_ELEMENTS = 1 << 25  # fallback: query chunk sized so one chunk's scores hold ~32M floats
+LOW_MEMORY_CHUNK_ELEMENTS = 1 << 22  # low-memory mode: ~4M scores (16 MB fp32) per chunk
+_LOW_MEMORY: ContextVar[bool] = ContextVar("low_memory_attention", default=False)
 LINEAR_MEMORY_KERNELS = [
     SDPBackend.FLASH_ATTENTION,
     SDPBackend.EFFICIENT_ATTENTION,
@@ -54,9 +59,26 @@ def bag_output(logits: Tensor, batched: bool) -> Tensor:
 # --- attention --------------------------------------------------------------------------
 
 
+@contextmanager
+def low_memory_attention() -> Iterator[None]:
+    """Within it, every global attention runs as math-path attention over small query chunks.
+
+    The result is the same softmax attention (each query row is computed on its own), with a
+    peak of ``LOW_MEMORY_CHUNK_ELEMENTS`` scores whatever the kernel or bag size: what a caller
+    retries with after the device ran out of memory.
+    """
+    token = _LOW_MEMORY.set(True)
+    try:
+        yield
+    finally:
+        _LOW_MEMORY.reset(token)
+
+
 def linear_memory_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention (B, H, L, hd) -> (B, H, L, hd) without an L x L matrix for big L."""
     length = q.shape[-2]
+    if _LOW_MEMORY.get():
+        return chunked_attention(q, k, v, LOW_MEMORY_CHUNK_ELEMENTS)
     if length <= SMALL_BAG:
         return F.scaled_dot_product_attention(q, k, v)
     try:
@@ -68,10 +90,11 @@ def linear_memory_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return chunked_attention(q, k, v)
 
 
-def chunked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, elements: int | None = None) -> Tensor:
     """Math-path attention over query chunks: peak memory chunk x L instead of L x L."""
     batch, heads, length, _ = q.shape
-    chunk = max(1, CHUNK_ELEMENTS // (batch * heads * k.shape[-2]))
+    budget = CHUNK_ELEMENTS if elements is None else elements
+    chunk = max(1, budget // (batch * heads * k.shape[-2]))
     parts = [
         F.scaled_dot_product_attention(q[..., start : start + chunk, :], k, v)
         for start in range(0, length, chunk)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from analysis.mil.abmil import GatedAttention
 from analysis.mil.bag import as_bag, bag_output
+from analysis.mil.evidence import contrast
 
 
 @dataclass
@@ -70,6 +71,15 @@ class CLAMSB(nn.Module):
         features, _, batched = as_bag(features, coords)
         _, weights, logits = self._attend(features)
         return bag_output(logits, batched), weights
+
+    def instance_evidence(
+        self, features: Tensor, coords: Tensor | None = None, target: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(C,) logits, (N,) attention and (N,) class evidence (``analysis.mil.evidence``)."""
+        features, _, _ = as_bag(features, coords)
+        h, weights, logits = self._attend(features)
+        target = int(logits.argmax()) if target is None else target
+        return logits, weights, contrast(self.head(h), weights, target)
 
     def forward_train(
         self, features: Tensor, coords: Tensor | None, label: int

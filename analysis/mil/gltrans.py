@@ -20,13 +20,14 @@ processed in chunks so peak memory stays linear in N.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from analysis.mil.bag import GlobalAttention, as_bag, bag_output
+from analysis.mil.evidence import contrast
 
 MAX_GRID_CELLS = 4_000_000  # 2000 x 2000 cells of 128 µm is 25 cm square: larger is not a slide
 
@@ -202,6 +203,43 @@ class GLTrans(nn.Module):
         if target is None:
             target = int(self.head(self.norm(tokens[0])).argmax())
         return self._contrast(tokens[1:], cls_attention[:, 1:].mean(dim=0), target)
+
+    def instance_evidence(
+        self, features: Tensor, coords: Tensor | None, target: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(C,) logits, (N,) attention and (N,) class evidence for ``target`` (default: predicted).
+
+        The CLS token reads the slide in the last block's global attention. An instance's own
+        logits are what the CLS readout would give if every head read that instance alone
+        (its projected values in place of the attention-weighted mix; the rest of the block
+        and the head act on the CLS token only). As for the attention-pooling models, which
+        this matches exactly, the evidence is N x attention x (target logit minus the mean of
+        the others). Instance tokens' own readouts are not used: global attention makes every
+        token carry the whole slide.
+        """
+        features, grid_rc, _ = as_bag(features, coords)
+        param = self.head.weight
+        cells = grid_cells(_require_grid(grid_rc).to(param.device))
+        x = self.embed(features.to(device=param.device, dtype=param.dtype))  # (N, D)
+        x = torch.cat([self.cls_token, x], dim=0)  # (1 + N, D)
+        for block in self.blocks[:-1]:
+            x, _ = block(x, cells, cls_weights=False)
+        last = cast(GlobalLocalBlock, self.blocks[-1])
+        attn = last.attn
+        length, dim = x.shape
+        head_dim = dim // attn.n_heads
+        qkv = attn.qkv(last.norm1(x)).view(length, 3, attn.n_heads, head_dim)
+        q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)  # each (H, L, hd)
+        weights = (q[:, :1] @ k.transpose(-1, -2) * head_dim**-0.5).softmax(dim=-1)[:, 0]
+        read = (weights[:, :, None] * v).sum(dim=1).reshape(dim)  # (D,) the CLS row's read
+        alone = v.permute(1, 0, 2).reshape(length, dim)  # (L, D): each token read alone
+        cls_updates = x[0] + attn.proj(torch.cat([read[None], alone[1:]], dim=0))  # (1 + N, D)
+        out = cls_updates + last.ffn(last.norm2(cls_updates))
+        all_logits = self.head(self.norm(out))  # (1 + N, C); row 0 is the bag's
+        logits = all_logits[0]
+        attention = weights[:, 1:].mean(dim=0)  # (N,)
+        target = int(logits.argmax()) if target is None else target
+        return logits, attention, contrast(all_logits[1:], attention, target)
 
     def _contrast(self, instance_tokens: Tensor, attention: Tensor, target: int) -> Tensor:
         instance_logits = self.head(self.norm(instance_tokens))  # (N, C)

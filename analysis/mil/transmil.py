@@ -81,6 +81,10 @@ class TransMIL(nn.Module):
 
     def forward(self, features: Tensor, coords: Tensor | None = None) -> tuple[Tensor, Tensor]:
         features, _, batched = as_bag(features, coords)
+        logits, scores = self._run(features)
+        return bag_output(logits, batched), scores
+
+    def _run(self, features: Tensor) -> tuple[Tensor, Tensor]:
         param = self.head.weight
         h = self.embed(features.to(device=param.device, dtype=param.dtype))  # (N, D)
         n = h.shape[0]
@@ -94,4 +98,4 @@ class TransMIL(nn.Module):
         logits = self.head(self.norm(x[0]))  # (C,)
         attention = weights[:, 0, 1:].mean(dim=0)  # (S*S,)
         scores = attention.new_zeros(n).index_add(0, source, attention)  # (N,)
-        return bag_output(logits, batched), scores
+        return logits, scores

@@ -47,6 +47,7 @@ export class AnnotationLayer {
     this.onCount = onCount || (() => {});
     this.server = new Map(); // local id -> { id, version } on the server
     this.undoStack = [];
+    this.redoStack = [];
     this.queue = Promise.resolve();
     this.className = CLASSES[0].name;
     this.tool = 'pan';
@@ -79,13 +80,15 @@ export class AnnotationLayer {
     const started = performance.now();
     const rows = await allPages(`/api/v1/annotations?slide=${this.slide.id}`);
     const fetched = performance.now();
-    this.anno.clearAnnotations();
+    this.store.clear('REMOTE');
     this.server.clear();
     this._useBulk(rows.length >= BULK_ABOVE);
     const annotations = [];
+    this.names = new Map(); // local id -> the annotation's name (QuPath's comment line)
     for (const row of rows) {
       const id = `a${row.id}`;
       this.server.set(id, { id: row.id, version: row.version });
+      if (row.name) this.names.set(id, row.name);
       try {
         annotations.push(localAnnotation(id, selectorFromGeometry(row.geometry), row.classification?.name));
       } catch (error) {
@@ -118,7 +121,10 @@ export class AnnotationLayer {
   }
 
   setVisible(visible) {
-    this.anno.setVisible(visible);
+    this.visible = visible;
+    // With the bulk overlay drawing every shape, Annotorious's own WebGL layer only costs
+    // frame time; selection and the shape editor work without it.
+    this.anno.setVisible(visible && !this.bulk);
     this.bulk?.setVisible(visible);
   }
 
@@ -129,6 +135,7 @@ export class AnnotationLayer {
       this.bulk.clear();
       this.bulk = null;
     }
+    this.setVisible(this.visible ?? true);
   }
 
   /** Redraw the bulk overlay (next frame) after annotations or the selection changed. */
@@ -146,15 +153,26 @@ export class AnnotationLayer {
 
   setClass(name) {
     this.className = name;
+    if (!this.canWrite) return;
     for (const selected of this.anno.getSelected()) {
+      if (classOf(selected) === name) continue;
       const updated = { ...selected, bodies: classBodies(selected.id, name) };
-      const before = this.anno.getAnnotationById(selected.id);
-      this.anno.updateAnnotation(updated);
-      this._saveUpdate(updated, before, true);
+      this.store.updateAnnotation(updated, 'REMOTE');
+      this._record({ kind: 'update', before: selected, after: updated });
+      this._saveUpdate(updated);
     }
+    this._refreshBulk();
+  }
+
+  setWritable(writable) {
+    this.canWrite = writable;
+    this.anno.cancelSelected();
+    this.anno.setUserSelectAction(writable ? 'EDIT' : 'SELECT');
+    if (!writable) this.setTool('pan');
   }
 
   setTool(tool) {
+    if (!this.canWrite && tool !== 'pan' && tool !== 'measure') return;
     this.tool = tool;
     this.anno.cancelDrawing?.();
     if (tool === 'rectangle' || tool === 'polygon') {
@@ -164,7 +182,7 @@ export class AnnotationLayer {
     } else {
       this.anno.setDrawingEnabled(false);
     }
-    this.viewer.setMouseNavEnabled(tool !== 'freehand');
+    this.viewer.setMouseNavEnabled(tool !== 'freehand' && tool !== 'measure');
     this.viewer.element.dataset.tool = tool;
   }
 
@@ -241,20 +259,47 @@ export class AnnotationLayer {
   _addDrawn(selector) {
     const id = crypto.randomUUID();
     const annotation = localAnnotation(id, selector, this.className);
-    this.anno.addAnnotation(annotation);
-    this._saveCreate(annotation, true);
+    this._put(annotation);
+    this._record({ kind: 'create', after: annotation });
+    this._saveCreate(annotation);
   }
 
   // ---------------------------------------------------------------- autosave
 
+  // Changes made here (class bodies, undo, redo, delete, reload) go to the store with origin
+  // REMOTE, so that Annotorious does not report them back as user edits: only the user's own
+  // drawing and shape editing arrive as lifecycle events.
+  get store() {
+    return this.anno.state.store;
+  }
+
+  _put(annotation) {
+    if (this.store.getAnnotation(annotation.id)) this.store.updateAnnotation(annotation, 'REMOTE');
+    else this.store.addAnnotation(annotation, 'REMOTE');
+  }
+
+  _remove(id) {
+    if (this.store.getAnnotation(id)) this.store.deleteAnnotation(id, 'REMOTE');
+  }
+
   _wireEvents() {
     this.anno.on('createAnnotation', (annotation) => {
       const classed = { ...annotation, bodies: classBodies(annotation.id, this.className) };
-      this.anno.updateAnnotation(classed);
-      this._saveCreate(classed, true);
+      this.store.updateAnnotation(classed, 'REMOTE');
+      // Leave the new shape unselected: the tool stays armed for the next one, and a class key
+      // pressed now picks the class of the next shape rather than recolouring this one.
+      this.anno.cancelSelected();
+      this._record({ kind: 'create', after: classed });
+      this._saveCreate(classed);
     });
-    this.anno.on('updateAnnotation', (annotation, previous) => this._saveUpdate(annotation, previous, true));
-    this.anno.on('deleteAnnotation', (annotation) => this._saveDelete(annotation, true));
+    this.anno.on('updateAnnotation', (annotation, previous) => {
+      this._record({ kind: 'update', before: previous, after: annotation });
+      this._saveUpdate(annotation);
+    });
+    this.anno.on('deleteAnnotation', (annotation) => {
+      this._record({ kind: 'delete', before: annotation });
+      this._saveDelete(annotation);
+    });
     this.anno.on('selectionChanged', () => this._refreshBulk());
   }
 
@@ -280,8 +325,7 @@ export class AnnotationLayer {
     return this.queue;
   }
 
-  _saveCreate(annotation, undoable) {
-    if (undoable) this._pushUndo({ kind: 'create', id: annotation.id });
+  _saveCreate(annotation) {
     const payload = this._payload(annotation);
     return this._enqueue('saving the annotation', async () => {
       const { data } = await api('/api/v1/annotations', { method: 'POST', body: payload });
@@ -290,8 +334,7 @@ export class AnnotationLayer {
     });
   }
 
-  _saveUpdate(annotation, previous, undoable) {
-    if (undoable && previous) this._pushUndo({ kind: 'update', before: previous });
+  _saveUpdate(annotation) {
     const payload = this._payload(annotation);
     delete payload.slide;
     return this._enqueue('saving the change', async () => {
@@ -306,8 +349,7 @@ export class AnnotationLayer {
     });
   }
 
-  _saveDelete(annotation, undoable) {
-    if (undoable) this._pushUndo({ kind: 'delete', annotation });
+  _saveDelete(annotation) {
     return this._enqueue('deleting the annotation', async () => {
       const record = this.server.get(annotation.id);
       if (!record) return;
@@ -321,18 +363,21 @@ export class AnnotationLayer {
   }
 
   deleteSelected() {
+    if (!this.canWrite) return;
     for (const annotation of this.anno.getSelected()) {
       this.anno.cancelSelected();
-      this.anno.removeAnnotation(annotation.id);
-      this._saveDelete(annotation, true);
+      this._remove(annotation.id);
+      this._record({ kind: 'delete', before: annotation });
+      this._saveDelete(annotation);
     }
   }
 
-  // ---------------------------------------------------------------- undo
+  // ---------------------------------------------------------------- undo / redo
 
-  _pushUndo(step) {
+  _record(step) {
     this.undoStack.push(step);
     if (this.undoStack.length > 200) this.undoStack.shift();
+    this.redoStack = [];
     this.onStatus(null);
   }
 
@@ -340,44 +385,69 @@ export class AnnotationLayer {
     return this.undoStack.length > 0;
   }
 
+  canRedo() {
+    return (this.redoStack || []).length > 0;
+  }
+
+  /** Apply one step forwards (redo) or backwards (undo), in the viewer and on the server. */
+  _apply(step, forwards) {
+    this.anno.cancelSelected();
+    const { kind } = step;
+    if ((kind === 'create' && forwards) || (kind === 'delete' && !forwards)) {
+      const annotation = forwards ? step.after : step.before;
+      this._put(annotation);
+      this._saveCreate(annotation);
+    } else if (kind === 'create' || kind === 'delete') {
+      const annotation = kind === 'create' ? step.after : step.before;
+      this._remove(annotation.id);
+      this._saveDelete(annotation);
+    } else {
+      const annotation = forwards ? step.after : step.before;
+      this._put(annotation);
+      this._saveUpdate(annotation);
+    }
+    this._refreshBulk();
+    this.onCount(this.anno.getAnnotations().length);
+  }
+
   undo() {
+    if (!this.canWrite) return;
     const step = this.undoStack.pop();
     if (!step) return;
-    this.anno.cancelSelected();
-    if (step.kind === 'create') {
-      const annotation = this.anno.getAnnotationById(step.id);
-      if (!annotation) return;
-      this.anno.removeAnnotation(step.id);
-      this._saveDelete(annotation, false);
-    } else if (step.kind === 'update') {
-      const current = this.anno.getAnnotationById(step.before.id);
-      if (!current) return;
-      this.anno.updateAnnotation(step.before);
-      this._saveUpdate(step.before, null, false);
-    } else if (step.kind === 'delete') {
-      this.anno.addAnnotation(step.annotation);
-      this._saveCreate(step.annotation, false);
-    }
+    this._apply(step, false);
+    (this.redoStack ||= []).push(step);
+    this.onStatus(null);
+  }
+
+  redo() {
+    if (!this.canWrite) return;
+    const step = this.redoStack?.pop();
+    if (!step) return;
+    this._apply(step, true);
+    this.undoStack.push(step);
     this.onStatus(null);
   }
 
   // ---------------------------------------------------------------- GeoJSON
 
-  async exportGeoJSON() {
+  /** Download the slide's annotations; ``frame`` 'source' maps them to the original scan. */
+  async exportGeoJSON(frame = 'slide') {
     await this.queue;
-    const { data } = await api(`/api/v1/annotations/export?slide=${this.slide.id}`);
+    const { data } = await api(`/api/v1/annotations/export?slide=${this.slide.id}&frame=${frame}`);
     const blob = new Blob([JSON.stringify(data, null, 1)], { type: 'application/geo+json' });
     const link = document.createElement('a');
     link.href = URL.createObjectURL(blob);
-    link.download = `${this.slide.name.replace(/\.[^.]+$/, '')}.geojson`;
+    const base = frame === 'source' ? data.lowmag_frame?.source || this.slide.name : this.slide.name;
+    link.download = `${base.replace(/\.[^.]+$/, '')}${frame === 'source' ? '' : '.lowmag'}.geojson`;
     document.body.appendChild(link);
     link.click();
     link.remove();
     setTimeout(() => URL.revokeObjectURL(link.href), 1000);
-    return data.features?.length ?? 0;
+    return { count: data.features?.length ?? 0, frame: data.lowmag_frame };
   }
 
-  async importGeoJSON(file) {
+  /** Import a GeoJSON file: ``merge`` adds to the slide's annotations, ``replace`` swaps mine. */
+  async importGeoJSON(file, mode = 'merge') {
     const text = await file.text();
     let collection;
     try {
@@ -386,12 +456,12 @@ export class AnnotationLayer {
       throw new Error(`${file.name} is not JSON`);
     }
     await this.queue;
-    const { data } = await api(`/api/v1/annotations/import?slide=${this.slide.id}`, {
+    const { data } = await api(`/api/v1/annotations/import?slide=${this.slide.id}&mode=${mode}`, {
       method: 'POST',
       body: collection,
     });
     this.undoStack = [];
     await this.load();
-    return data.created;
+    return data;
   }
 }

@@ -14,7 +14,11 @@ function escapeText(text) {
   return span.innerHTML;
 }
 
-export function renderAiSuggestion(container, prediction) {
+export function renderAiSuggestion(container, prediction, failedJob = null) {
+  if (!prediction && failedJob) {
+    container.innerHTML = `<p class="failed-note"><strong>AI analysis failed</strong>${failedJob.stage ? ` at the ${escapeText(failedJob.stage)} stage` : ''}: ${escapeText(failedJob.error || 'no reason recorded')}</p>`;
+    return;
+  }
   if (!prediction) {
     container.innerHTML = '<p class="muted">No AI analysis yet.</p>';
     return;
@@ -33,8 +37,64 @@ export function renderAiSuggestion(container, prediction) {
     <p class="muted small">${escapeText(prediction.model)} · assistive only; the signed call is yours.</p>`;
 }
 
+/** The case's second-opinion requests and a form to ask a colleague. */
+export class SecondOpinions {
+  constructor(caseInfo, colleagues, canWrite) {
+    this.caseInfo = caseInfo;
+    this.form = el('second-opinion-form');
+    for (const select of document.querySelectorAll('.colleague-select')) {
+      for (const c of colleagues) select.add(new Option(c.username, c.id));
+    }
+    this.form.hidden = !canWrite;
+    this.form.addEventListener('submit', (event) => this._request(event));
+  }
+
+  async load() {
+    const { data } = await api(`/api/v1/second-opinions?case=${this.caseInfo.id}&page_size=50`);
+    this.requests = data.results;
+    el('second-opinion-list').innerHTML = this.requests.length
+      ? this.requests
+          .map((o) => `<li class="opinion ${escapeText(o.status)}">
+            <p class="reason">${escapeText(o.reason)}</p>
+            <p class="muted small">${o.requested_by ? `asked by ${escapeText(o.requested_by)}` : 'opened at sign-off'}${o.assigned_to ? ` · for #${o.assigned_to}` : ''} · ${escapeText(o.status)}</p>
+            ${o.answer ? `<p class="answer"><strong>${escapeText(o.answered_by || '')}:</strong> ${escapeText(o.answer)}</p>` : ''}
+          </li>`)
+          .join('')
+      : '<li class="muted">None requested.</li>';
+    return this.requests;
+  }
+
+  /** After signing against the AI: route the automatic request to the chosen colleague. */
+  async assignOpen(colleagueId) {
+    const requests = await this.load();
+    const open = requests.find((o) => o.status === 'open' && !o.requested_by);
+    if (open && colleagueId) {
+      await api(`/api/v1/second-opinions/${open.id}`, { method: 'PATCH', body: { assigned_to: Number(colleagueId) } });
+      await this.load();
+    }
+    return open;
+  }
+
+  async _request(event) {
+    event.preventDefault();
+    const f = this.form.elements;
+    const body = { case: this.caseInfo.id, reason: f.reason.value.trim() };
+    if (f.assigned_to.value) body.assigned_to = Number(f.assigned_to.value);
+    try {
+      await api('/api/v1/second-opinions', { method: 'POST', body });
+      f.reason.value = '';
+      el('second-opinion-state').textContent = 'requested ✓';
+      await this.load();
+    } catch (error) {
+      el('second-opinion-state').textContent = `not sent: ${error.message}`;
+    }
+  }
+}
+
 export class DiagnosisPanel {
-  constructor(caseInfo, classes, canWrite) {
+  constructor(caseInfo, classes, canWrite, { aiCall = null, opinions = null } = {}) {
+    this.aiCall = aiCall;
+    this.opinions = opinions;
     this.caseInfo = caseInfo;
     this.canWrite = canWrite;
     this.form = el('diagnosis-form');
@@ -45,6 +105,10 @@ export class DiagnosisPanel {
     this._fillCalls(this.form.elements.call, classes);
     this._fillCalls(el('amend-call'), classes);
     this._wire();
+  }
+
+  isSigned() {
+    return this.versions.some((v) => v.status === 'signed');
   }
 
   _fillCalls(select, classes) {
@@ -94,6 +158,7 @@ export class DiagnosisPanel {
         <span class="hash" title="content hash">${escapeText((d.content_hash || '').slice(0, 12))}</span>`;
     }
     el('diagnosis-panel').classList.toggle('is-signed', signed);
+    if (signed) document.dispatchEvent(new CustomEvent('lowmag:signed'));
     if (signed) el('diagnosis-saved').textContent = '';
     this._renderCaseStatus(signed ? 'signed' : d ? 'in_review' : this.caseInfo.status);
     el('diagnosis-versions').innerHTML = this.versions.length > 1
@@ -136,6 +201,46 @@ export class DiagnosisPanel {
   }
 
   async _save() {
+    try {
+      await this._write();
+    } catch (error) {
+      if (!(error.status === 409 || error.status === 412) || this.current?.status === 'signed') throw error;
+      await this._resolveConflict();
+    }
+  }
+
+  /** Another tab (or colleague) saved the draft first: keep what is typed here, show theirs,
+   *  and save on top of their version only when this text is edited again. */
+  async _resolveConflict() {
+    const mine = this._values();
+    const { data } = await api(`/api/v1/diagnoses?case=${this.caseInfo.id}&ordering=version&page_size=100`);
+    this.versions = data.results;
+    this.current = this.versions[this.versions.length - 1] || null;
+    const theirs = this.current;
+    const banner = el('draft-conflict');
+    if (!theirs || theirs.status !== 'draft') {
+      this.render();
+      return;
+    }
+    const differs = Object.entries(mine).filter(([k, v]) => (theirs[k] || '') !== v);
+    if (!differs.length) {
+      banner.hidden = true;
+      this.render();
+      return;
+    }
+    banner.innerHTML = `<strong>This draft was also saved elsewhere</strong> (another tab or a colleague, version ${theirs.row_version}).
+      Your text stays in the form; edit it (or press Save mine) to save it over theirs. Theirs:
+      <dl>${differs.map(([k]) => `<dt>${escapeText(k.replace('_', ' '))}</dt><dd>${escapeText(theirs[k] || '—')}</dd>`).join('')}</dl>
+      <button type="button" id="draft-keep-mine">Save mine</button>`;
+    banner.hidden = false;
+    el('draft-keep-mine').addEventListener('click', () => {
+      banner.hidden = true;
+      this.flush();
+    });
+    el('diagnosis-saved').textContent = 'not saved: conflict with another tab';
+  }
+
+  async _write() {
     const body = this._values();
     const d = this.current;
     let data;
@@ -170,6 +275,14 @@ export class DiagnosisPanel {
     }
     el('sign-error').hidden = true;
     el('sign-password').value = '';
+    const call = this.form.elements.call.value;
+    const ai = this.aiCall;
+    const disagrees = ai && call.trim().toLowerCase() !== String(ai.predicted_class).trim().toLowerCase();
+    el('sign-disagreement').hidden = !disagrees;
+    if (disagrees) {
+      el('sign-disagreement-text').textContent = `Your call “${call}” disagrees with the AI call “${ai.predicted_class}” (${pct(ai.confidence)} confidence). Signing asks a colleague for a second opinion.`;
+    }
+    this.disagrees = Boolean(disagrees);
     el('sign-dialog').showModal();
   }
 
@@ -187,6 +300,12 @@ export class DiagnosisPanel {
       this.versions[this.versions.length - 1] = data;
       el('sign-dialog').close();
       this.render();
+      if (this.disagrees && this.opinions) {
+        const colleague = el('sign-colleague');
+        const who = colleague.value ? colleague.selectedOptions[0].textContent : 'a colleague';
+        await this.opinions.assignOpen(colleague.value);
+        el('diagnosis-saved').textContent = `Second opinion requested from ${who}.`;
+      }
     } catch (error) {
       el('sign-error').textContent = error.message;
       el('sign-error').hidden = false;

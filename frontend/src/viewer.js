@@ -89,14 +89,14 @@ export function whenOpen(viewer) {
 // ------------------------------------------------------------------ heatmap layer
 
 export class HeatmapLayer {
-  constructor(viewer, dziUrl) {
+  constructor(viewer, dziUrl, layer = 'score') {
     this.viewer = viewer;
     this.dziUrl = dziUrl;
     this.item = null;
     this.visible = false;
     this.opacity = 0.6;
     this.threshold = 0;
-    this.layer = 'score';
+    this.layer = layer;
     this.pending = null;
   }
 
@@ -139,7 +139,8 @@ export class HeatmapLayer {
     if (this.item || this.pending) this._load();
   }
 
-  // 'score' (the AI patch score) or 'clusters' (k-means clusters of the patch embeddings)
+  // 'evidence' (class evidence), 'score' (attention: where the model looked) or 'clusters'
+  // (k-means clusters of the patch embeddings)
   setLayer(layer) {
     if (layer === this.layer) return;
     this.layer = layer;
@@ -222,4 +223,55 @@ export function goToRegion(viewer, l0Rect, margin = 0) {
     l0Rect.height + 2 * margin,
   );
   viewer.viewport.fitBounds(rect);
+}
+
+// ------------------------------------------------------------------ magnification
+
+const ZOOM_STEP = 1.5;
+const PAN_FRACTION = 0.15;
+
+/** The slide's native objective magnification (from the scan, or ~10 µm/px ÷ mpp). */
+export function nativeMagnification(slide) {
+  if (slide.magnification) return slide.magnification;
+  return slide.mpp ? 10 / slide.mpp : null;
+}
+
+/** Zoom buttons, presets and the magnification readout; returns keyboard actions. */
+export function attachZoomControls(viewer, slide, { readout, zoomIn, zoomOut, fit, presets }) {
+  const native = nativeMagnification(slide);
+  const current = () => {
+    const image = slideImage(viewer);
+    return image && native ? native * image.viewportToImageZoom(viewer.viewport.getZoom(true)) : null;
+  };
+  const update = () => {
+    const mag = current();
+    readout.textContent = mag ? `${mag < 10 ? mag.toFixed(1) : Math.round(mag)}x` : '–';
+    timing.magnification = mag;
+  };
+  const zoomBy = (factor) => {
+    viewer.viewport.zoomBy(factor);
+    viewer.viewport.applyConstraints();
+  };
+  const setMagnification = (mag) => {
+    const image = slideImage(viewer);
+    if (!image || !native) return;
+    viewer.viewport.zoomTo(image.imageToViewportZoom(mag / native));
+  };
+  const pan = (dx, dy) => {
+    const bounds = viewer.viewport.getBounds();
+    viewer.viewport.panBy(new OpenSeadragon.Point(dx * bounds.width * PAN_FRACTION, dy * bounds.height * PAN_FRACTION));
+    viewer.viewport.applyConstraints();
+  };
+  zoomIn.addEventListener('click', () => zoomBy(ZOOM_STEP));
+  zoomOut.addEventListener('click', () => zoomBy(1 / ZOOM_STEP));
+  fit.addEventListener('click', () => viewer.viewport.goHome());
+  for (const button of presets) {
+    button.disabled = !native;
+    button.addEventListener('click', () => setMagnification(Number(button.dataset.mag)));
+  }
+  viewer.addHandler('animation', update);
+  viewer.addHandler('open', update);
+  viewer.addHandler('resize', update);
+  update();
+  return { zoomBy: (f) => zoomBy(f), pan, setMagnification, step: ZOOM_STEP };
 }

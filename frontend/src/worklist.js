@@ -9,9 +9,53 @@ function rowsUrl(form) {
   return `/?${params}`;
 }
 
+// The column the user sorted by ({ index, kind, direction }); null keeps the server's order
+// (most urgent first, then the longest waiting).
+let sortState = null;
+
+function sortValue(row, index, kind) {
+  const cell = row.cells[index];
+  const raw = cell?.dataset.sort ?? cell?.textContent.trim() ?? '';
+  return kind === 'number' ? Number(raw) : raw.toLowerCase();
+}
+
+function applySort() {
+  const body = document.getElementById('worklist-rows');
+  const headers = [...document.querySelectorAll('table.cases thead th')];
+  headers.forEach((th, i) => {
+    th.setAttribute('aria-sort', sortState && sortState.index === i ? sortState.direction : 'none');
+  });
+  if (!sortState) return;
+  const { index, kind, direction } = sortState;
+  const rows = [...body.querySelectorAll('tr.case-row')];
+  const sign = direction === 'ascending' ? 1 : -1;
+  rows.sort((a, b) => {
+    const [x, y] = [sortValue(a, index, kind), sortValue(b, index, kind)];
+    return (x < y ? -1 : x > y ? 1 : 0) * sign;
+  });
+  body.append(...rows); // a stable sort: ties keep the server's order
+}
+
+function wireSorting() {
+  for (const button of document.querySelectorAll('table.cases th button.sort')) {
+    button.addEventListener('click', () => {
+      const index = Number(button.dataset.column);
+      const same = sortState?.index === index;
+      const direction = same && sortState.direction === 'ascending' ? 'descending' : 'ascending';
+      sortState = { index, kind: button.dataset.kind, direction };
+      applySort();
+    });
+  }
+}
+
 async function refreshRows(form) {
   const response = await fetch(rowsUrl(form), { credentials: 'same-origin' });
-  if (response.ok) document.getElementById('worklist-rows').innerHTML = await response.text();
+  if (response.ok) {
+    document.getElementById('worklist-rows').innerHTML = await response.text();
+    applySort();
+    window.__lowmag = window.__lowmag || {};
+    window.__lowmag.worklistRefreshes = (window.__lowmag.worklistRefreshes || 0) + 1;
+  }
 }
 
 function connectLive(form, stateEl, attempt = 0) {
@@ -55,5 +99,6 @@ export function initWorklist() {
     event.preventDefault();
     apply();
   });
+  wireSorting();
   connectLive(form, document.getElementById('live-state'));
 }

@@ -22,5 +22,9 @@ class AnalysisJobAdmin(admin.ModelAdmin):
 @admin.register(Prediction)
 class PredictionAdmin(admin.ModelAdmin):
     list_display = ["id", "slide", "model_version", "predicted_class", "confidence", "created_at"]
-    exclude = ["instance_scores"]
-    readonly_fields = [f.name for f in Prediction._meta.fields if f.name != "instance_scores"]
+    exclude = ["instance_scores", "evidence_scores"]
+    readonly_fields = [
+        f.name
+        for f in Prediction._meta.fields
+        if f.name not in ("instance_scores", "evidence_scores")
+    ]

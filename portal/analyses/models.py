@@ -129,6 +129,10 @@ class Prediction(models.Model):
     grid = models.JSONField(default=dict)  # n_rows, n_cols, l0_patch_size, grid_rc
     # uint8 k-means cluster id per grid cell (a research layer); empty for older predictions
     clusters = models.BinaryField(default=b"", blank=True)
+    # float16 signed class evidence per grid cell for ``evidence_class`` (analysis.mil.evidence),
+    # in logit units; empty when the model gives none. ``instance_scores`` holds attention.
+    evidence_scores = models.BinaryField(default=b"", blank=True)
+    evidence_class = models.CharField(max_length=100, blank=True)
     code_version = models.CharField(max_length=100, blank=True)
     input_sha256 = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -147,6 +151,10 @@ class Prediction(models.Model):
     def scores(self) -> np.ndarray:
         """Instance scores as float32, shape (N,) in grid order."""
         return np.frombuffer(bytes(self.instance_scores), dtype="<f2").astype(np.float32)
+
+    def evidence(self) -> np.ndarray:
+        """(N,) float32 signed class evidence in grid order, or an empty array."""
+        return np.frombuffer(bytes(self.evidence_scores), dtype="<f2").astype(np.float32)
 
     def cluster_ids(self) -> np.ndarray:
         """(N,) uint8 cluster of each grid cell, or an empty array."""

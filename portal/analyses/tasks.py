@@ -159,6 +159,8 @@ def _store_prediction(job: AnalysisJob, result) -> Prediction:
                     "confidence": result.confidence,
                     "instance_scores": Prediction.pack_scores(result.instance_scores),
                     "clusters": np.asarray(result.clusters, dtype=np.uint8).tobytes(),
+                    "evidence_scores": Prediction.pack_scores(result.evidence_scores),
+                    "evidence_class": result.evidence_class,
                     "grid": {
                         "n_rows": int(grid.n_rows),
                         "n_cols": int(grid.n_cols),

@@ -169,7 +169,7 @@ class PredictionSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Prediction
-        exclude = ["instance_scores", "grid", "clusters"]
+        exclude = ["instance_scores", "grid", "clusters", "evidence_scores"]
         read_only_fields = [f.name for f in Prediction._meta.fields]
 
     def get_n_instances(self, prediction: Prediction) -> int:
@@ -315,6 +315,7 @@ FEATURE_COLLECTION_SCHEMA = {
 
 class ImportResultSerializer(serializers.Serializer):
     created = serializers.IntegerField()
+    replaced = serializers.IntegerField()
     ids = serializers.ListField(child=serializers.IntegerField())
 
 
@@ -384,9 +385,14 @@ class AmendSerializer(serializers.Serializer):
     free_text = serializers.CharField(required=False, allow_blank=True)
 
 
+class SecondOpinionAnswerSerializer(serializers.Serializer):
+    answer = serializers.CharField(max_length=4000, help_text="The second opinion, in words.")
+
+
 class SecondOpinionSerializer(serializers.ModelSerializer):
     case = VisibleRelatedField(queryset=Case.objects.all(), cohort_path="cohort")
     requested_by = UsernameField(allow_null=True)
+    answered_by = UsernameField(allow_null=True)
     assigned_to = serializers.PrimaryKeyRelatedField(
         queryset=User.objects.filter(is_active=True), required=False, allow_null=True
     )
@@ -406,8 +412,17 @@ class SecondOpinionSerializer(serializers.ModelSerializer):
             "status",
             "created_at",
             "closed_at",
+            "answer",
+            "answered_by",
         ]
-        read_only_fields = ["diagnosis", "status", "created_at", "closed_at"]
+        read_only_fields = [
+            "diagnosis",
+            "status",
+            "created_at",
+            "closed_at",
+            "answer",
+            "answered_by",
+        ]
 
     def to_internal_value(self, data):
         try:

@@ -414,7 +414,16 @@ class AnnotationViewSet(viewsets.ModelViewSet):
         return get_object_or_404(slides, pk=int(raw))
 
     @extend_schema(
-        parameters=[SLIDE_PARAM],
+        parameters=[
+            SLIDE_PARAM,
+            OpenApiParameter(
+                "mode",
+                str,
+                enum=["merge", "replace"],
+                description="merge (default): add to the slide's annotations; replace: delete "
+                "your own annotations on the slide first.",
+            ),
+        ],
         request={"application/json": s.FEATURE_COLLECTION_SCHEMA},
         responses={201: s.ImportResultSerializer, 400: INVALID},
     )
@@ -424,15 +433,27 @@ class AnnotationViewSet(viewsets.ModelViewSet):
         slide = self._slide_from_query()
         require_role(request.user, slide.case.cohort_id, self.write_roles, "annotate")
         self._check_unlocked(slide)
+        mode = request.query_params.get("mode", "merge")
+        if mode not in ("merge", "replace"):
+            raise ValidationError({"mode": "mode is 'merge' (keep existing) or 'replace'"})
         bounds = (slide.width, slide.height) if slide.width else None
         try:
-            parsed = [
-                self._parse_feature(i, f, bounds)
-                for i, f in enumerate(geojson.features_of(request.data))
-            ]
+            features = geojson.split_multipoints(geojson.features_of(request.data))
+            parsed = [self._parse_feature(i, f, bounds) for i, f in enumerate(features)]
         except geojson.GeometryError as exc:
             raise ValidationError({"detail": str(exc)}) from exc
+        replaced = 0
         with transaction.atomic():
+            if mode == "replace":  # the importer's own annotations (an admin's: all) go
+                mine = slide.annotations.filter(deleted=False)
+                if not is_admin(request.user):
+                    mine = mine.filter(author=request.user)
+                for annotation in mine.select_for_update():
+                    annotation.deleted = True
+                    annotation.version += 1
+                    annotation.save(update_fields=["deleted", "version", "updated_at"])
+                    annotation.snapshot(request.user)
+                    replaced += 1
             created = [
                 Annotation.objects.create(slide=slide, author=request.user, **p) for p in parsed
             ]
@@ -445,8 +466,13 @@ class AnnotationViewSet(viewsets.ModelViewSet):
                 case=slide.case,
                 request=request,
                 count=len(created),
+                mode=mode,
+                replaced=replaced,
             )
-        return Response({"created": len(created), "ids": [a.pk for a in created]}, status=201)
+        return Response(
+            {"created": len(created), "replaced": replaced, "ids": [a.pk for a in created]},
+            status=201,
+        )
 
     @staticmethod
     def _parse_feature(index: int, feature, bounds) -> dict:
@@ -456,7 +482,16 @@ class AnnotationViewSet(viewsets.ModelViewSet):
             raise geojson.GeometryError(f"feature {index}: {exc}") from exc
 
     @extend_schema(
-        parameters=[SLIDE_PARAM],
+        parameters=[
+            SLIDE_PARAM,
+            OpenApiParameter(
+                "frame",
+                str,
+                enum=["slide", "source"],
+                description="slide (default): this file's level-0 pixels; source: the original "
+                "scan's pixels, from the export's recorded source size (QuPath on the original).",
+            ),
+        ],
         responses={
             200: OpenApiResponse(response=s.FEATURE_COLLECTION_SCHEMA, description="GeoJSON")
         },
@@ -467,9 +502,33 @@ class AnnotationViewSet(viewsets.ModelViewSet):
     def export_geojson(self, request):
         """The slide's live annotations as a QuPath-readable GeoJSON FeatureCollection."""
         slide = self._slide_from_query()
+        frame = request.query_params.get("frame", "slide")
+        if frame not in ("slide", "source"):
+            raise ValidationError({"frame": "frame is 'slide' (this file's pixels) or 'source'"})
         annotations = slide.annotations.filter(deleted=False).select_related("author")
-        audit.record(request.user, "annotation.export", slide, case=slide.case, request=request)
-        return Response(geojson.feature_collection(annotations))
+        collection = geojson.feature_collection(annotations)
+        frame_info = {"frame": "slide", "width": slide.width, "height": slide.height}
+        if frame == "source":
+            import openslide
+
+            with openslide.OpenSlide(slide.path) as opened:
+                source = geojson.source_frame(opened.properties, slide.width, slide.height)
+            if source is None:
+                raise ValidationError(
+                    {
+                        "frame": "this slide records no original scan (it is not a LowMag export); "
+                        "export in the slide frame"
+                    }
+                )
+            sx, sy = source["scale"]
+            for feature in collection["features"]:
+                feature["geometry"] = geojson.scale_geometry(feature["geometry"], sx, sy)
+            frame_info = source
+        collection["lowmag_frame"] = {**frame_info, "slide_mpp": slide.mpp}
+        audit.record(
+            request.user, "annotation.export", slide, case=slide.case, request=request, frame=frame
+        )
+        return Response(collection)
 
 
 class DiagnosisViewSet(viewsets.ModelViewSet):
@@ -624,6 +683,53 @@ class SecondOpinionViewSet(
         audit.record(
             self.request.user, "second_opinion.open", opinion, case=case, request=self.request
         )
+
+    def perform_update(self, serializer):
+        opinion = serializer.instance
+        if opinion.status == SecondOpinionRequest.CLOSED:
+            raise Conflict("This request is closed; open a new one.")
+        before = opinion.assigned_to_id
+        opinion = serializer.save()
+        if opinion.assigned_to_id != before:
+            audit.record(
+                self.request.user,
+                "second_opinion.assign",
+                opinion,
+                case=opinion.case,
+                request=self.request,
+                assigned_to=opinion.assigned_to.get_username() if opinion.assigned_to else None,
+            )
+
+    @extend_schema(
+        request=s.SecondOpinionAnswerSerializer,
+        responses={200: s.SecondOpinionSerializer, 409: DETAIL},
+    )
+    @action(detail=True, methods=["post"])
+    def answer(self, request, pk=None):
+        """Give the second opinion: the answer is kept with the request, which closes."""
+        body = s.SecondOpinionAnswerSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        text = body.validated_data["answer"].strip()
+        if not text:
+            raise ValidationError({"answer": "Write the opinion before sending it."})
+        visible_opinion = self.get_object()
+        with transaction.atomic():
+            locked = SecondOpinionRequest.objects.select_for_update()
+            opinion = locked.select_related("case").get(pk=visible_opinion.pk)
+            require_role(
+                request.user, opinion.case.cohort_id, self.write_roles, "give second opinions"
+            )
+            if opinion.status == SecondOpinionRequest.CLOSED:
+                raise Conflict("This request was already answered or closed.")
+            if opinion.requested_by_id == request.user.pk:
+                raise PermissionDenied(
+                    "A second opinion comes from a colleague, not the requester."
+                )
+            opinion.give_answer(request.user, text)
+            audit.record(
+                request.user, "second_opinion.answer", opinion, case=opinion.case, request=request
+            )
+        return Response(self.get_serializer(opinion).data)
 
     @extend_schema(request=None, responses=s.SecondOpinionSerializer)
     @action(detail=True, methods=["post"])

@@ -32,12 +32,6 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "frame-ancestors 'none'",
     ]
 )
-# The case viewer's annotation layer (Annotorious on PIXI) compiles its shaders with
-# `new Function`; until the frontend bundles @pixi/unsafe-eval, that page alone allows eval.
-VIEWER_CONTENT_SECURITY_POLICY = CONTENT_SECURITY_POLICY.replace(
-    "script-src 'self'", "script-src 'self' 'unsafe-eval'"
-)
-VIEWER_PAGES = ("/cases/",)
 RETRY_AFTER_S = 2
 
 
@@ -60,9 +54,7 @@ class SecurityHeadersMiddleware:
 
     def __call__(self, request):
         response = self.get_response(request)
-        viewer = request.path.startswith(VIEWER_PAGES)
-        policy = VIEWER_CONTENT_SECURITY_POLICY if viewer else CONTENT_SECURITY_POLICY
-        response.headers.setdefault("Content-Security-Policy", policy)
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         if request.path.startswith("/api/") and "Cache-Control" not in response.headers:
             response["Cache-Control"] = "no-store"
         return response

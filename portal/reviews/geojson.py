@@ -134,6 +134,24 @@ def features_of(document: Any) -> list:
     raise GeometryError("expected a GeoJSON FeatureCollection, a Feature, or a list of Features")
 
 
+def split_multipoints(features: list) -> list:
+    """QuPath writes a points annotation as one ``MultiPoint`` feature: one Point each here."""
+    out = []
+    for feature in features:
+        geometry = feature.get("geometry") if isinstance(feature, dict) else None
+        if not (isinstance(geometry, dict) and geometry.get("type") == "MultiPoint"):
+            out.append(feature)
+            continue
+        points = geometry.get("coordinates")
+        if not isinstance(points, list) or not points:
+            raise GeometryError("MultiPoint: needs a list of at least one position")
+        if len(points) > MAX_VERTICES:
+            raise GeometryError(f"MultiPoint: {len(points)} points is more than {MAX_VERTICES}")
+        for point in points:
+            out.append({**feature, "geometry": {"type": "Point", "coordinates": point}})
+    return out
+
+
 def parse_feature(feature: Any, bounds: tuple[int, int] | None) -> dict:
     """One feature -> the Annotation fields it carries (geometry, name, classification)."""
     if not isinstance(feature, dict) or feature.get("type") != "Feature":
@@ -171,3 +189,35 @@ def feature_of(annotation) -> dict:
 
 def feature_collection(annotations) -> dict:
     return {"type": "FeatureCollection", "features": [feature_of(a) for a in annotations]}
+
+
+def source_frame(properties, width: int, height: int) -> dict | None:
+    """The original scan's pixel frame recorded in a LowMag export's metadata (``aperio.Source*``
+    as written by ``analysis.export``), with the factors from this slide's pixels to it."""
+    size = str(properties.get("aperio.SourceSize", ""))
+    try:
+        source_w, source_h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        return None
+    if source_w <= 0 or source_h <= 0 or width <= 0 or height <= 0:
+        return None
+    mpp = properties.get("aperio.SourceMPP")
+    return {
+        "frame": "source",
+        "source": str(properties.get("aperio.Source", "")),
+        "width": source_w,
+        "height": source_h,
+        "mpp": float(mpp) if mpp else None,
+        "scale": [source_w / width, source_h / height],
+    }
+
+
+def scale_geometry(geometry: dict, sx: float, sy: float) -> dict:
+    """``geometry`` with every position multiplied by (sx, sy), rounded to 1/100 px."""
+
+    def scale(value):
+        if value and isinstance(value[0], int | float):
+            return [round(value[0] * sx, 2), round(value[1] * sy, 2), *value[2:]]
+        return [scale(v) for v in value]
+
+    return {"type": geometry["type"], "coordinates": scale(geometry["coordinates"])}

@@ -203,6 +203,11 @@ class SecondOpinionRequest(models.Model):
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.OPEN)
     created_at = models.DateTimeField(auto_now_add=True)
     closed_at = models.DateTimeField(null=True, blank=True)
+    # The colleague's opinion; giving it closes the request.
+    answer = models.TextField(blank=True)
+    answered_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -214,6 +219,14 @@ class SecondOpinionRequest(models.Model):
         self.status = self.Status.CLOSED.value
         self.closed_at = timezone.now()
         self.save(update_fields=["status", "closed_at"])
+
+    def give_answer(self, user, text: str) -> None:
+        """Record the colleague's opinion; giving it closes the request."""
+        self.answer = text
+        self.answered_by = user
+        self.status = self.Status.CLOSED.value
+        self.closed_at = timezone.now()
+        self.save(update_fields=["answer", "answered_by", "status", "closed_at"])
 
 
 class AuditEventQuerySet(models.QuerySet):

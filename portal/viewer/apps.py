@@ -12,10 +12,11 @@ class ViewerConfig(AppConfig):
         from django.contrib.auth.signals import user_logged_out
         from django.db.models.signals import post_delete, post_save
 
-        from portal.cases.models import Membership
+        from portal.cases.models import Case, Membership
         from portal.cases.signals import slide_ready
 
         slide_ready.connect(_pretile, dispatch_uid="viewer-pretile")
+        post_save.connect(_announce_case, sender=Case, dispatch_uid="worklist-live-case")
         user_logged_out.connect(_forget_logged_out_session, dispatch_uid="tiles-logout")
         for signal in (post_save, post_delete):
             signal.connect(_revoke, sender=Membership, dispatch_uid=f"tiles-{signal}")
@@ -48,3 +49,13 @@ def _revoke(sender, **kwargs) -> None:
 def _revoke_if_deactivated(sender, instance, created=False, **kwargs) -> None:
     if not created and not instance.is_active:
         _revoke(sender)
+
+
+def _announce_case(sender, instance, **kwargs) -> None:
+    """Worklists showing the case's cohort refresh when a case is created or changes (admin,
+    API, LIS or a task), once the change is committed."""
+    from django.db import transaction
+
+    from portal.analyses.progress import worklist_update
+
+    transaction.on_commit(lambda: worklist_update(instance))

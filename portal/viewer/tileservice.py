@@ -31,7 +31,7 @@ import numpy as np
 from django.http import Http404
 
 from analysis.errors import AnalysisError
-from analysis.heatmap import DeepZoomGeometry, HeatmapTiler, score_raster
+from analysis.heatmap import DeepZoomGeometry, HeatmapTiler, evidence_display, score_raster
 from analysis.slides import SlideCache, open_slide
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ CACHE_CONTROL = "private, max-age=31536000, immutable"
 ACCESS_TTL_S = 10.0  # how long a granted (user, slide) check or a session is reused
 REVOCATION_POLL_S = 0.2  # how often the shared grants version is read
 GRANTS_VERSION_KEY = "lowmag:tile-grants-version"
-LAYERS = ("score", "clusters")  # the AI score; k-means clusters of the patch embeddings
+# attention (where the model looked); class evidence; k-means clusters of the patch embeddings
+LAYERS = ("score", "evidence", "clusters")
 ASSOCIATED = ("label", "macro", "thumbnail")
 
 _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tiles")
@@ -357,7 +358,10 @@ def _load_tiler(
     prediction = Prediction.objects.filter(pk=prediction_id, slide_id=access.slide_id).first()
     if prediction is None or "grid_rc" not in prediction.grid:
         return None
-    values = prediction.scores() if layer == "score" else prediction.cluster_ids()
+    if layer == "evidence":
+        values = evidence_display(prediction.evidence())
+    else:
+        values = prediction.scores() if layer == "score" else prediction.cluster_ids()
     grid_rc = np.asarray(prediction.grid["grid_rc"], dtype=np.int64).reshape(-1, 2)
     if len(values) != len(grid_rc):
         return None  # e.g. a prediction made before cluster maps existed

@@ -29,6 +29,7 @@ urlpatterns = [
     path("login/", views.login_view, name="login"),
     path("logout/", views.logout_view, name="logout"),
     path("cases/<int:case_id>/", views.case_page, name="case-page"),
+    path("second-opinions/", views.second_opinions, name="second-opinions"),
     path("slides/<int:slide_id>/region.jpeg", views.slide_region, name="slide-region"),
     path(
         "viewer/predictions/<int:prediction_id>/top-regions.json",

@@ -17,18 +17,21 @@ import numpy as np
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.staticfiles import finders
+from django.db.models import Min, Q
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
-from analysis.heatmap import colormap_lut
+from analysis.heatmap import CATEGORY_COLOURS, colormap_lut
 from portal.analyses.calls import ai_call, ai_calls
 from portal.analyses.models import AnalysisJob, Prediction
 from portal.cases import worklist as worklists
 from portal.cases.access import PATHOLOGIST, is_admin, role_in, visible
-from portal.cases.models import Case, Cohort, Slide
+from portal.cases.models import Case, Cohort, Membership, Slide
 from portal.reviews import audit
+from portal.reviews.models import Diagnosis as SignedDiagnosis
+from portal.reviews.models import SecondOpinionRequest
 
 MAX_TOP_K = 100
 REGION_MAX_PX = 512
@@ -45,7 +48,19 @@ logout_view = auth_views.LogoutView.as_view(next_page="/login/")
 
 # ---------------------------------------------------------------- worklist
 
-WORKLIST_ROWS = 500  # the page lists this many cases of the worklist, most urgent first
+PRIORITY_ORDER = {"frozen": 0, "urgent": 1, "routine": 2}  # for sorting the page's column
+WORKLIST_ROWS = 500
+# (header, how the column sorts); the rows carry a data-sort value where the text would not do
+WORKLIST_COLUMNS = [
+    ("Priority", "number"),
+    ("Accession", "text"),
+    ("Patient", "text"),
+    ("Cohort", "text"),
+    ("Status", "text"),
+    ("AI call", "text"),
+    ("Confidence", "number"),
+    ("Waiting", "number"),
+]  # the page lists this many cases of the worklist, most urgent first
 
 
 def _worklist_filters(params) -> dict:
@@ -69,8 +84,8 @@ def _filtered_cases(request):
     return worklists.worklist(request.user, queue, _worklist_filters(request.GET))[:WORKLIST_ROWS]
 
 
-def _waiting(created_at) -> str:
-    waited = timezone.now() - created_at
+def _waiting(created_at, until=None) -> str:
+    waited = (until or timezone.now()) - created_at
     if waited < timedelta(hours=1):
         return f"{max(1, int(waited.total_seconds() // 60))} min"
     if waited < timedelta(days=2):
@@ -78,18 +93,49 @@ def _waiting(created_at) -> str:
     return f"{waited.days} d"
 
 
+def _failed_analyses(case_ids: list[int]) -> dict[int, str]:
+    """Case id -> why the AI analysis failed, for cases whose slide's latest job failed."""
+    latest: dict[int, AnalysisJob] = {}
+    jobs = AnalysisJob.objects.filter(slide__case_id__in=case_ids).select_related("slide")
+    for job in jobs.order_by("-created_at", "-id"):
+        latest.setdefault(job.slide_id, job)
+    failed: dict[int, str] = {}
+    for job in latest.values():
+        if job.state == "failed":
+            failed.setdefault(job.slide.case_id, job.error or f"failed at the {job.stage} stage")
+    failed_slides = Slide.objects.filter(case_id__in=case_ids, status="failed")
+    for slide in failed_slides.only("case_id", "failure_reason"):
+        failed.setdefault(slide.case_id, slide.failure_reason or "the slide could not be read")
+    return failed
+
+
 def _worklist_rows(request) -> list[dict]:
     cases = list(_filtered_cases(request))
     calls = ai_calls([c.pk for c in cases])
-    return [
-        {
-            "case": case,
-            "ai": calls.get(case.pk),
-            "waiting": _waiting(case.created_at),
-            "waited_s": int((timezone.now() - case.created_at).total_seconds()),
-        }
-        for case in cases
-    ]
+    failed = _failed_analyses([c.pk for c in cases if c.pk not in calls])
+    # A signed case stops waiting at its first signature.
+    signed_at = dict(
+        SignedDiagnosis.objects.filter(case_id__in=[c.pk for c in cases if c.status == "signed"])
+        .values("case_id")
+        .annotate(first=Min("signed_at"))
+        .values_list("case_id", "first")
+    )
+    now = timezone.now()
+    rows = []
+    for case in cases:
+        until = signed_at.get(case.pk) if case.status == "signed" else None
+        rows.append(
+            {
+                "case": case,
+                "ai": calls.get(case.pk),
+                "ai_failed": failed.get(case.pk, ""),
+                "waiting": _waiting(case.created_at, until),
+                "waited_s": int(((until or now) - case.created_at).total_seconds()),
+                "signed": until is not None,
+                "priority_rank": PRIORITY_ORDER.get(case.priority, 9),
+            }
+        )
+    return rows
 
 
 @login_required
@@ -103,6 +149,7 @@ def worklist(request):
         statuses=Case.STATUSES,
         priorities=Case.PRIORITIES,
         cohorts=visible(Cohort.objects.all(), request.user, "pk"),
+        columns=WORKLIST_COLUMNS,
         current=request.GET,
     )
     return render(request, "viewer/worklist.html", context)
@@ -116,6 +163,19 @@ def _visible_case(user, case_id: int) -> Case:
     return get_object_or_404(cases, pk=case_id)
 
 
+def _cluster_legend(p: Prediction) -> list[dict]:
+    """The k-means clusters of a prediction with their map colours and sizes (cells)."""
+    ids, counts = np.unique(p.cluster_ids(), return_counts=True)
+    return [
+        {
+            "id": int(i),
+            "color": "rgb({},{},{})".format(*CATEGORY_COLOURS[int(i) % len(CATEGORY_COLOURS)]),
+            "cells": int(n),
+        }
+        for i, n in zip(ids, counts, strict=True)
+    ]
+
+
 def _prediction_json(p: Prediction) -> dict:
     return {
         "id": p.pk,
@@ -125,6 +185,8 @@ def _prediction_json(p: Prediction) -> dict:
         "model": str(p.model_version),
         "classes": list(p.model_version.classes or p.probabilities.keys()),
         "heatmap_dzi": f"/slides/{p.slide_id}/heatmap/{p.pk}.dzi",
+        "clusters": _cluster_legend(p),
+        "evidence_class": p.evidence_class if len(bytes(p.evidence_scores)) else "",
         "created_at": p.created_at.isoformat(),
     }
 
@@ -132,7 +194,13 @@ def _prediction_json(p: Prediction) -> dict:
 def _job_json(job: AnalysisJob | None) -> dict | None:
     if job is None:
         return None
-    return {"id": job.pk, "state": job.state, "stage": job.stage, "progress": job.progress}
+    return {
+        "id": job.pk,
+        "state": job.state,
+        "stage": job.stage,
+        "progress": job.progress,
+        "error": job.error if job.state == "failed" else "",
+    }
 
 
 def _slide_json(slide: Slide) -> dict:
@@ -177,6 +245,7 @@ def case_page(request, case_id: int):
             "accession_number": case.accession_number,
             "status": case.status,
             "priority": case.priority,
+            "clinical_question": case.clinical_question,
         },
         "slides": slides,
         "ai_call": _prediction_json(call) if call else None,
@@ -184,33 +253,116 @@ def case_page(request, case_id: int):
         "user": {
             "username": request.user.get_username(),
             "can_write": is_admin(request.user) or role == PATHOLOGIST,
+            "is_admin": is_admin(request.user),
         },
     }
-    context = {"page": "case", "case": case, "slides": slides, "viewer_config": viewer_config}
+    colleagues = (
+        Membership.objects.filter(cohort_id=case.cohort_id, role=PATHOLOGIST, user__is_active=True)
+        .exclude(user=request.user)
+        .select_related("user")
+        .order_by("user__username")
+    )
+    viewer_config["colleagues"] = [
+        {"id": m.user_id, "username": m.user.get_username()} for m in colleagues
+    ]
+    context = {
+        "page": "case",
+        "case": case,
+        "slides": slides,
+        "viewer_config": viewer_config,
+        "next_case": _next_case(request.user, case),
+    }
     return render(request, "viewer/case.html", context)
+
+
+def _next_case(user, case: Case) -> Case | None:
+    """The case after this one in the user's worklist of unsigned cases (the first one when
+    this case is not on it, e.g. just signed)."""
+    ids = list(
+        worklists.worklist(user, worklists.DEFAULT_QUEUE).values_list("pk", flat=True)[:2000]
+    )
+    following = ids[ids.index(case.pk) + 1 :] if case.pk in ids else ids
+    following = [pk for pk in following if pk != case.pk]
+    return Case.objects.filter(pk=following[0]).first() if following else None
+
+
+# ---------------------------------------------------------------- second opinions
+
+
+@login_required
+def second_opinions(request):
+    """The colleague's inbox: open requests for me (or for anyone in my cohorts), and the
+    answers to the requests I opened."""
+    opinions = visible(
+        SecondOpinionRequest.objects.select_related(
+            "case", "case__cohort", "requested_by", "assigned_to", "answered_by", "diagnosis"
+        ),
+        request.user,
+        "case__cohort",
+    )
+    pathologist_cohorts = Membership.objects.filter(user=request.user, role=PATHOLOGIST)
+    cohorts = list(pathologist_cohorts.values_list("cohort_id", flat=True))
+    open_ = opinions.filter(status=SecondOpinionRequest.OPEN)
+    if not is_admin(request.user):
+        open_ = open_.filter(case__cohort_id__in=cohorts)
+    for_me = open_.filter(Q(assigned_to=request.user) | Q(assigned_to__isnull=True)).exclude(
+        requested_by=request.user
+    )
+    answered = opinions.filter(
+        Q(requested_by=request.user) | Q(diagnosis__signed_by=request.user),
+        status=SecondOpinionRequest.CLOSED,
+    ).exclude(answer="")
+    mine_open = opinions.filter(
+        Q(requested_by=request.user) | Q(diagnosis__signed_by=request.user),
+        status=SecondOpinionRequest.OPEN,
+    )
+    context = {
+        "page": "inbox",
+        "for_me": list(for_me.order_by("-assigned_to_id", "created_at")[:200]),
+        "answered": list(answered.order_by("-closed_at")[:50]),
+        "waiting": list(mine_open.order_by("-created_at")[:50]),
+    }
+    return render(request, "viewer/second_opinions.html", context)
 
 
 # ---------------------------------------------------------------- viewer JSON and images
 
 
-def top_regions(scores: np.ndarray, grid_rc: np.ndarray, k: int, spacing: int = 2) -> list[int]:
-    """Indices of up to ``k`` highest-scoring cells, no two within ``spacing`` cells (Chebyshev).
+MIN_REGION_SCORE = 0.05  # a cell scoring less is never shown as a high-score region
+REGION_FILL_FRACTION = 0.5  # neighbours fill the gallery down to half the top score
 
-    A greedy non-maximum suppression: each pick stands for one high-scoring region, so jumping
-    from pick to pick visits different places rather than neighbouring cells of one hot spot.
+
+def top_regions(scores: np.ndarray, grid_rc: np.ndarray, k: int, spacing: int = 2) -> list[int]:
+    """Indices of up to ``k`` high-scoring cells, highest first.
+
+    First one pick per hot spot (greedy non-maximum suppression: no two picks within
+    ``spacing`` cells, Chebyshev), so that jumping from pick to pick visits different places.
+    When fewer than ``k`` spots exist, the remaining places go to the next best cells, which
+    may sit beside a pick, down to half the top score; cells scoring (almost) nothing are
+    never shown, so a slide with one hot spot gives a short gallery, not one padded with 0.00.
     """
     order = np.argsort(-scores, kind="stable")
+    if not len(order):
+        return []
+    floor = max(MIN_REGION_SCORE, REGION_FILL_FRACTION * float(scores[order[0]]))
     picked: list[int] = []
     picked_rc = np.empty((0, 2), dtype=np.int64)
     for index in order:
-        if len(picked) >= k:
+        if len(picked) >= k or scores[index] < MIN_REGION_SCORE:
             break
         rc = grid_rc[index]
         if len(picked_rc) and np.min(np.max(np.abs(picked_rc - rc), axis=1)) <= spacing:
             continue
         picked.append(int(index))
         picked_rc = np.vstack([picked_rc, rc[None, :]])
-    return picked
+    chosen = set(picked)
+    for index in order:
+        if len(picked) >= k or scores[index] < floor:
+            break
+        if int(index) not in chosen:
+            picked.append(int(index))
+            chosen.add(int(index))
+    return sorted(picked, key=lambda i: (-float(scores[i]), i))
 
 
 @login_required
