@@ -17,9 +17,13 @@ pooling) with timm's state-dict names. Named configurations: ``vit_tiny`` (ViT-T
 checkpoint is renamed to timm's layout on load). Any other shape is a spec string such as
 ``vit:dim=384,depth=12,heads=6,registers=4,pool=mean`` or ``vit:uni,dim=64,depth=3,heads=4``.
 
+A third, ``SwinTransformer`` (``SwinConfig``), has timm 0.5.4's Swin names: ``swin_t``
+(Swin-T: embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7, patch 4) and ``ctranspath``
+(Swin-T with CTransPath's convolutional stem, 768-d); other shapes as ``swin:dim=...``.
+
 Extension point: ``register_encoder(name, factory)`` makes any ``nn.Module`` with
 ``embed_dim``, ``forward`` and ``forward_blocks`` (layer1..3 maps + pooled) usable by name in
-extraction, MAGA and bundles (a Swin-T/CTransPath encoder would plug in there; none ships).
+extraction, MAGA and bundles.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -414,6 +418,289 @@ def hf_vit_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
+# Swin Transformer (Swin-T, CTransPath)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """A Swin Transformer in timm 0.5.4's state-dict layout (the layout of CTransPath's file).
+
+    Stage ``i`` has ``dim * 2**i`` channels and ``dim * 2**i / head_dim`` heads; patch merging
+    (``layers.i.downsample``) closes stages 0..2. ``stem``: ``"patch"`` (a 4 x 4 convolution,
+    ``patch_embed.proj``, Swin-T) or ``"conv"`` (CTransPath's convolutional stem: two 3 x 3
+    stride-2 convolutions with BatchNorm and ReLU, ``dim/8`` then ``dim/4`` channels, then a
+    1 x 1 convolution to ``dim``: ``patch_embed.proj.{0,1,3,4,6}``).
+    """
+
+    dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    head_dim: int = 32
+    window: int = 7
+    mlp_ratio: float = 4.0
+    stem: str = "patch"
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.stem not in ("patch", "conv"):
+            raise AnalysisError(f"Swin stem must be 'patch' or 'conv', got {self.stem!r}")
+        if len(self.depths) != 4 or min(self.depths) < 1 or self.window < 1:
+            raise AnalysisError(
+                f"Swin needs 4 stages of >= 1 block and a window >= 1; got depths {self.depths}, "
+                f"window {self.window}"
+            )
+        if self.dim % self.head_dim or (self.stem == "conv" and self.dim % 8):
+            raise AnalysisError(
+                f"Swin dim {self.dim} must be divisible by head_dim {self.head_dim} (and by 8 "
+                "with the conv stem)"
+            )
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        return tuple(self.dim * 2**i // self.head_dim for i in range(4))
+
+
+SWIN_T = SwinConfig()  # embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7, patch 4
+CTRANSPATH = SwinConfig(stem="conv")  # Swin-T with CTransPath's convolutional stem
+
+
+class _ConvStem(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        a, b = dim // 8, dim // 4
+        self.proj = nn.Sequential(
+            nn.Conv2d(3, a, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(a),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(b),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(b, dim, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)  # (B, D, H / 4, W / 4)
+
+
+def _window_partition(x: torch.Tensor, w: int) -> torch.Tensor:
+    """(B, H, W, C) with H, W multiples of w -> (B * windows, w*w, C)."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // w, w, W // w, w, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, w * w, C)
+
+
+def _window_merge(x: torch.Tensor, w: int, B: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of ``_window_partition``: (B * windows, w*w, C) -> (B, H, W, C)."""
+    x = x.view(B, H // w, W // w, w, w, -1).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, H, W, -1)
+
+
+class _WindowAttention(nn.Module):
+    """Multi-head attention inside windows with a learned relative position bias (timm names)."""
+
+    def __init__(self, dim: int, heads: int, window: int) -> None:
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def bias(self, w: int) -> torch.Tensor:
+        """(heads, w*w, w*w) bias for a w x w window (w <= the trained window: a sub-table)."""
+        coords = torch.stack(
+            torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")
+        ).flatten(1)  # (2, w*w)
+        rel = coords[:, :, None] - coords[:, None, :] + self.window - 1  # (2, w*w, w*w)
+        index = (rel[0] * (2 * self.window - 1) + rel[1]).to(
+            self.relative_position_bias_table.device
+        )
+        return self.relative_position_bias_table[index].permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, w: int, mask: torch.Tensor | None) -> torch.Tensor:
+        Bw, N, C = x.shape  # (B * windows, w*w, C)
+        qkv = self.qkv(x).view(Bw, N, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B * windows, heads, N, C / heads)
+        bias = self.bias(w).to(q.dtype)[None]  # (1, heads, N, N)
+        if mask is not None:  # (windows, N, N): -100 between tokens of different shifted regions
+            nW = mask.shape[0]
+            bias = (bias + mask[:, None].to(q.dtype)).repeat(Bw // nW, 1, 1, 1)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(attended.transpose(1, 2).reshape(Bw, N, C))
+
+
+def _shift_mask(Hp: int, Wp: int, w: int, shift: int, device: torch.device) -> torch.Tensor:
+    """(windows, w*w, w*w) additive mask: tokens rolled in from the far edge do not mix."""
+    region = torch.zeros(1, Hp, Wp, 1, device=device)
+    cuts = (slice(0, -w), slice(-w, -shift), slice(-shift, None))
+    for n, (hs, ws) in enumerate((h, v) for h in cuts for v in cuts):
+        region[:, hs, ws] = n
+    ids = _window_partition(region, w).squeeze(-1)  # (windows, w*w)
+    same = ids[:, :, None] == ids[:, None, :]
+    return torch.zeros(same.shape, device=device).masked_fill_(~same, -100.0)
+
+
+class _SwinBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, window: int, shifted: bool, cfg: SwinConfig) -> None:
+        super().__init__()
+        self.window, self.shifted = window, shifted
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.eps)
+        self.attn = _WindowAttention(dim, heads, window)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.eps)
+        self.mlp = _Mlp(dim, int(dim * cfg.mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        # as timm: a map no larger than the window is one window, unshifted
+        w = min(self.window, H, W)
+        shift = self.window // 2 if self.shifted and min(H, W) > self.window else 0
+        y = self.norm1(x)
+        if shift:
+            y = torch.roll(y, (-shift, -shift), (1, 2))
+        # as timm: after the shift, zero tokens fill the map to whole windows; the shift mask is
+        # laid out on the padded map
+        Hp, Wp = -(-H // w) * w, -(-W // w) * w
+        y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))
+        mask = _shift_mask(Hp, Wp, w, shift, x.device) if shift else None
+        y = self.attn(_window_partition(y, w), w, mask)
+        y = _window_merge(y, w, B, Hp, Wp)[:, :H, :W]
+        if shift:
+            y = torch.roll(y, (shift, shift), (1, 2))
+        x = x + y
+        return x + self.mlp(self.norm2(x))  # (B, H, W, C)
+
+
+class _PatchMerging(nn.Module):
+    """2 x 2 neighbours concatenated (timm's order), LayerNorm, linear 4C -> 2C."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim, eps=eps)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, H, W, _ = x.shape
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        parts = [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]]
+        return self.reduction(self.norm(torch.cat(parts, -1)))  # (B, H/2, W/2, 2C)
+
+
+class _SwinStage(nn.Module):
+    def __init__(self, dim: int, depth: int, heads: int, merge: bool, cfg: SwinConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            _SwinBlock(dim, heads, cfg.window, i % 2 == 1, cfg) for i in range(depth)
+        )
+        self.downsample: nn.Module = _PatchMerging(dim, cfg.eps) if merge else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x  # (B, h, w, C), before patch merging
+
+
+class _SwinPatchEmbed(nn.Module):
+    def __init__(self, cfg: SwinConfig) -> None:
+        super().__init__()
+        if cfg.stem == "conv":
+            self.proj: nn.Module = _ConvStem(cfg.dim).proj
+        else:
+            self.proj = nn.Conv2d(3, cfg.dim, 4, stride=4)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/4, W/4, D)
+
+
+class SwinTransformer(nn.Module):
+    """Swin-T (or any ``SwinConfig``) with timm's parameter names; 8 x dim pooled output.
+
+    Any input that is a multiple of 4 px works: feature maps are zero-padded to whole windows,
+    and a map no larger than the window is a single unshifted window of its own size (the bias
+    comes from the matching part of the learned table), so a 64 px 5x patch (16, 8, 4, 2
+    tokens per side over the stages) runs as well as 224 or 256 px. For MAGA the outputs of
+    stages 1, 2 and 3 (H/8, H/16, H/32) are layer1..3 and the mean of the final-normed tokens of
+    the last stage is ``pooled``.
+    """
+
+    def __init__(self, config: SwinConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or SwinConfig()
+        self.embed_dim = cfg.dim * 8
+        self.patch_embed = _SwinPatchEmbed(cfg)
+        self.layers = nn.ModuleList(
+            _SwinStage(cfg.dim * 2**i, depth, heads, i < 3, cfg)
+            for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.heads, strict=True))
+        )
+        self.norm = nn.LayerNorm(self.embed_dim, eps=cfg.eps)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward_blocks(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.patch_embed(x)  # (B, H/4, W/4, D)
+        out = {}
+        for i, stage in enumerate(cast(list[_SwinStage], list(self.layers))):
+            x = stage(x)
+            if i >= 1:
+                out[BLOCK_NAMES[i - 1]] = x.permute(0, 3, 1, 2)  # (B, C_i, h_i, w_i)
+            x = stage.downsample(x)  # stages 0..2: (B, h/2, w/2, 2C); stage 3: identity
+        out["pooled"] = self.norm(x).mean((1, 2))  # (B, 8 D)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_blocks(x)["pooled"]
+
+
+def parse_swin_spec(name: str) -> SwinConfig:
+    """``swin:ctranspath,dim=16,head_dim=8,depths=2-2-2-2,window=7,stem=conv`` -> config.
+
+    Starts from Swin-T (patch stem); ``swin:ctranspath,...`` starts from CTransPath.
+    """
+    base, values = SWIN_T, dict[str, Any]()
+    for item in filter(None, (s.strip() for s in name.removeprefix("swin:").split(","))):
+        if item in ("swin_t", "ctranspath"):
+            base = SWIN_T if item == "swin_t" else CTRANSPATH
+            continue
+        key, _, raw = item.partition("=")
+        try:
+            if key in ("dim", "head_dim", "window"):
+                values[key] = int(raw)
+            elif key == "depths":
+                values[key] = tuple(int(d) for d in raw.split("-"))
+            elif key == "stem":
+                values[key] = raw
+            else:
+                raise AnalysisError(
+                    f"encoder {name!r}: {item!r} is not key=value with a key among dim, "
+                    "head_dim, depths (e.g. 2-2-6-2), window, stem"
+                )
+        except ValueError:
+            raise AnalysisError(f"encoder {name!r}: {item!r} is not a number") from None
+    return replace(base, **values)
+
+
+SWIN_DERIVED = ("relative_position_index", "attn_mask")  # buffers timm 0.5.4 saves; recomputed
+
+
+def timm_swin_to_local(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the derived Swin buffers; newer timm's layout (merging at the start of stages
+    1..3, ``layers.i.downsample``) is moved to the end of the stage before, as timm 0.5.4."""
+    state = {k: v for k, v in state.items() if not k.endswith(SWIN_DERIVED)}
+    if any(k.startswith("layers.3.downsample.") for k in state):
+        moved = {}
+        for k, v in state.items():
+            if k.startswith("layers.") and ".downsample." in k:
+                i, _, rest = k.removeprefix("layers.").partition(".")
+                k = f"layers.{int(i) - 1}.{rest}"
+            moved[k] = v
+        state = moved
+    return state
+
+
+# --------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------
 
@@ -435,8 +722,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsMismatchError(
             f"cannot read weight file {path} ({exc}); expected a .safetensors or .pth state dict"
         ) from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):  # Lightning-style files; CTransPath's {'model': ...}
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise WeightsMismatchError(f"weight file {path} does not hold a flat state dict of tensors")
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
@@ -450,13 +739,17 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     Keys ``layer4.*``, ``fc.*``, ``head.*`` and ``mask_token`` are dropped when the model has no
     such modules (torchvision ImageNet files into the truncated network, classifier heads and
     masked-pretraining tokens of ViT files). ``num_batches_tracked`` may be absent (old
-    torchvision files). A Hugging Face ViT file (Phikon) is renamed to timm's layout first. Anything else missing or unexpected, or any shape mismatch, raises
+    torchvision files). A Hugging Face ViT file (Phikon) is renamed to timm's layout first; a
+    Swin file loses its derived buffers (``relative_position_index``, ``attn_mask``) and newer
+    timm's merging position is moved to 0.5.4's (``timm_swin_to_local``). Anything else missing or unexpected, or any shape mismatch, raises
     ``WeightsMismatchError`` naming the keys.
     """
     state = read_state_dict(path)
     own = model.state_dict()
     if isinstance(model, VisionTransformer) and any(k.startswith(HF_VIT_KEYS) for k in state):
         state = hf_vit_to_timm(state)  # a Hugging Face ViTModel file (Phikon)
+    if isinstance(model, SwinTransformer):
+        state = timm_swin_to_local(state)
     for prefix in ("layer4.", "fc.", "head.", "mask_token"):  # mask_token: masked pretraining
         if not any(k.startswith(prefix) for k in own):
             state = {k: v for k, v in state.items() if not k.startswith(prefix)}
@@ -490,6 +783,13 @@ def _layout_hint(model: nn.Module) -> str:
             f"layerscale {c.layerscale}, registers {c.registers}, pool {c.pool}); pick the "
             "--encoder that matches the checkpoint ('uni' for UNI ViT-L/16, 'phikon' for Phikon, "
             "or vit:dim=...,depth=...)"
+        )
+    if isinstance(model, SwinTransformer):
+        sc = model.config
+        return (
+            f"this encoder is a timm-layout Swin (dim {sc.dim}, depths {sc.depths}, window "
+            f"{sc.window}, {sc.stem} stem); pick the --encoder that matches the checkpoint "
+            "('ctranspath' for CTransPath, 'swin_t' for Swin-T, or swin:dim=...)"
         )
     if hasattr(model, "forward_blocks") and not isinstance(model, _Stem):
         return f"use a state dict saved from {type(model).__name__}"
@@ -661,6 +961,8 @@ ENCODERS: dict[str, Callable[[], nn.Module]] = {
     "vit_tiny": VitTiny,
     "uni": lambda: VisionTransformer(UNI),
     "phikon": lambda: VisionTransformer(PHIKON),
+    "swin_t": lambda: SwinTransformer(SWIN_T),
+    "ctranspath": lambda: SwinTransformer(CTRANSPATH),
 }
 
 
@@ -676,7 +978,7 @@ def register_encoder(name: str, factory: Callable[[], nn.Module]) -> None:
     - a state dict that ``load_weights`` can fill strictly from a safetensors or ``.pth`` file.
     Names are process-wide: register before building bundles or models that use the name.
     """
-    if name in ENCODERS or name.startswith("vit:"):
+    if name in ENCODERS or name.startswith(("vit:", "swin:")):
         raise AnalysisError(f"encoder name {name!r} is taken")
     ENCODERS[name] = factory
 
@@ -693,11 +995,15 @@ def build_model(
     if name.startswith("vit:"):
         config = parse_vit_spec(name)
         factory = lambda: VisionTransformer(config)  # noqa: E731
+    elif name.startswith("swin:"):
+        swin = parse_swin_spec(name)
+        factory = lambda: SwinTransformer(swin)  # noqa: E731
     elif name in ENCODERS:
         factory = ENCODERS[name]
     else:
         raise AnalysisError(
-            f"unknown encoder {name!r}; known encoders: {', '.join(ENCODERS)}, or vit:key=value,..."
+            f"unknown encoder {name!r}; known encoders: {', '.join(ENCODERS)}, vit:key=value,... or "
+            "swin:key=value,..."
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

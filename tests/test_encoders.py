@@ -380,3 +380,116 @@ def test_any_module_with_forward_blocks_can_be_registered():
             register_encoder("tiny_test", Tiny)
     finally:
         ENCODERS.pop("tiny_test")
+
+
+# --- Swin-T / CTransPath ---------------------------------------------------------------------
+
+SMALL_CTRANSPATH = "swin:ctranspath,dim=16,head_dim=8"
+
+
+def test_ctranspath_has_swin_t_shapes_keys_and_parameter_count():
+    from analysis.encoders import CTRANSPATH, SWIN_T, SwinTransformer
+    from tests.swin_layouts import swin_layout
+
+    derived = ("relative_position_index", "attn_mask")  # buffers recomputed for any input size
+    published = {k: v.shape for k, v in swin_layout().items() if not k.endswith(derived)}
+    with torch.device("meta"):
+        ctranspath, swin_t = SwinTransformer(CTRANSPATH), SwinTransformer(SWIN_T)
+    assert {k: v.shape for k, v in ctranspath.state_dict().items()} == published
+    assert ctranspath.embed_dim == 768 and CTRANSPATH.heads == (3, 6, 12, 24)
+    # timm swin_tiny_patch4_window7_224 is 28,288,354 with its 1000-way head (769,000)
+    assert count_parameters(swin_t) == 28_288_354 - 769_000
+    assert count_parameters(ctranspath) == 27_520_038  # 4 x 4 patch embed -> conv stem
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_a_ctranspath_checkpoint_with_published_keys_and_shapes_loads(tmp_path, suffix):
+    from tests.swin_layouts import swin_layout
+
+    state = swin_layout()  # full Swin-T shapes, with the derived buffers timm 0.5.4 saves
+    path = tmp_path / f"ctranspath{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({"model": state}, path)  # CTransPath's release wraps it in {'model': ...}
+    model = build_model("ctranspath", weights=path)
+    for key in ("patch_embed.proj.4.running_var", "layers.2.blocks.5.attn.relative_position_bias_table",
+                "layers.1.downsample.reduction.weight", "norm.bias"):  # fmt: skip
+        assert torch.equal(model.state_dict()[key], state[key]), key
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_ctranspath_gives_768_d_embeddings_and_stage_maps_at_5x_and_20x(size):
+    encoder = build_encoder("ctranspath", device="cpu")
+    patches = _patches(1, size)
+    blocks = encoder.blocks(patches)
+    s = size // 8
+    assert blocks["layer1"].shape == (1, 192, s, s)
+    assert blocks["layer2"].shape == (1, 384, s // 2, s // 2)
+    assert blocks["layer3"].shape == (1, 768, s // 4, s // 4)
+    embedding = encoder.embed(patches)
+    assert embedding.shape == (1, 768) and np.isfinite(embedding).all()
+    np.testing.assert_allclose(embedding[0], blocks["pooled"][0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_shifted_windows_mix_across_window_borders_and_padding_keeps_sizes():
+    model = build_model(SMALL_CTRANSPATH)
+    block = model.layers[0].blocks[1]  # shifted block of stage 0
+    x = torch.zeros(1, 14, 14, 16)
+    x[0, 6, 6] = torch.randn(16)  # a token at the bottom-right corner of the first window
+    with torch.no_grad():
+        block.mlp.fc2.weight.zero_()  # leave only the attention branch
+        block.mlp.fc2.bias.zero_()
+        shifted = block(x)
+        block.shifted = False
+        plain = block(x)
+    # the token reaches across the window border (to 7, 7) only when windows are shifted
+    assert shifted[0, 7, 7].abs().sum() > 1e-4 and plain[0, 7, 7].abs().sum() < 1e-6
+    assert shifted[0, 13, 13].abs().sum() < 1e-6  # rolled in from the far edge: masked
+    with torch.no_grad():  # 10 x 10 map: padded to 14 x 14 windows, cropped back
+        assert block(torch.randn(2, 10, 10, 16)).shape == (2, 10, 10, 16)
+
+
+def test_newer_timm_swin_layout_and_a_head_load_into_swin_t(tmp_path):
+    from tests.swin_layouts import swin_layout
+
+    state = swin_layout(dim=32, depths=(1, 1, 1, 1), head_dim=16, conv_stem=False)
+    newer = {}
+    for k, v in state.items():
+        if ".downsample." in k:  # timm >= 0.9 merges at the start of stages 1..3
+            i, _, rest = k.removeprefix("layers.").partition(".")
+            k = f"layers.{int(i) + 1}.{rest}"
+        newer[k] = v
+    newer["head.fc.weight"], newer["head.fc.bias"] = torch.zeros(1000, 256), torch.zeros(1000)
+    save_file(newer, str(tmp_path / "swin.safetensors"))
+    model = build_model(
+        "swin:dim=32,depths=1-1-1-1,head_dim=16", weights=tmp_path / "swin.safetensors"
+    )
+    assert torch.equal(
+        model.layers[0].downsample.norm.weight, state["layers.0.downsample.norm.weight"]
+    )
+
+
+def test_a_swin_file_of_another_width_fails_in_one_clear_line(tmp_path):
+    from tests.swin_layouts import swin_layout
+
+    save_file(swin_layout(dim=32, head_dim=8), str(tmp_path / "wide.safetensors"))
+    with pytest.raises(WeightsMismatchError) as caught:
+        build_encoder(SMALL_CTRANSPATH, weights=tmp_path / "wide.safetensors", device="cpu")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "181 wrong shape key(s)" in message
+    assert "layers.0.blocks.0.attn.proj.weight (32, 32) != (16, 16)" in message
+    assert "timm-layout Swin" in message and "'ctranspath'" in message
+
+
+def test_a_vit_file_into_ctranspath_and_bad_swin_specs_are_refused(tmp_path):
+    from tests.vit_layouts import uni_layout
+
+    save_file(uni_layout(64, 3), str(tmp_path / "uni.safetensors"))
+    with pytest.raises(WeightsMismatchError, match="missing key.*unexpected key"):
+        build_model(SMALL_CTRANSPATH, weights=tmp_path / "uni.safetensors")
+    with pytest.raises(AnalysisError, match="is not key=value"):
+        build_model("swin:width=3")
+    with pytest.raises(AnalysisError, match="divisible by head_dim"):
+        build_model("swin:dim=20")

@@ -273,6 +273,32 @@ def test_a_uni_layout_teacher_aligns_through_maga_at_5x(tmp_path):
     assert student.embed(low[None]).shape == (1, 64)
 
 
+def test_a_ctranspath_layout_teacher_aligns_through_maga_at_5x(tmp_path):
+    from safetensors.torch import load_file
+
+    from analysis.maga import SlidePairs
+    from tests.swin_layouts import swin_layout
+
+    spec = "swin:ctranspath,dim=16,head_dim=8,depths=1-1-2-1"  # CTransPath's keys, small width
+    layout = swin_layout(dim=16, head_dim=8, depths=(1, 1, 2, 1))
+    torch.save({"model": layout}, tmp_path / "ctranspath.pth")  # as CTransPath is released
+    pairs = SlidePairs([shared_slide(CMU)], low_mag=5, pairs_per_slide=24, seed=0)
+    config = _quick_config(encoder=spec, epochs=3, lr=3e-4, holdout_fraction=0.25)
+    result = train_maga(
+        pairs, tmp_path / "run", config, teacher_weights=tmp_path / "ctranspath.pth"
+    )
+    first, last = result.history[0], result.history[-1]
+    assert last["loss"] < first["loss"] and last["pooled"] < first["pooled"]
+    assert result.alignment["aligned"] < result.alignment["unaligned"]  # held-out pairs
+    derived = ("relative_position_index", "attn_mask")
+    assert set(load_file(str(result.student_path))) == {
+        k for k in layout if not k.endswith(derived)
+    }  # still CTransPath's names
+    student = build_encoder(spec, weights=result.student_path, device="cpu")
+    _, _, low = pairs[0]
+    assert student.embed(low[None]).shape == (1, 128)
+
+
 def _ddp_worker(rank: int, root: str, out: str, teacher: str, port: int) -> None:
     import os
 
