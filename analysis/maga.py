@@ -203,6 +203,7 @@ def _select_cells(request: dict, log: Log) -> list[tuple[int, np.ndarray, np.nda
     """Per slide with tissue: (slide number, l0_xy (K, 2), grid_rc (K, 2)), seeded sample."""
     rng = np.random.default_rng(request["seed"])
     selections = []
+    too_coarse: list[str] = []
     for slide_no, path in enumerate(request["slides"]):
         with open_slide(path, mpp=request.get("mpp")) as slide:
             try:
@@ -213,13 +214,26 @@ def _select_cells(request: dict, log: Log) -> list[tuple[int, np.ndarray, np.nda
                 continue
             except MagnificationUnavailableError:
                 log(f"skipping {path}: it is not scanned at {request['high_mag']:g}x or finer")
+                too_coarse.append(Path(path).name)
                 continue
         n = len(grid.l0_xy)
         keep = np.sort(rng.choice(n, min(n, request["max_patches_per_slide"]), replace=False))
         selections.append((slide_no, grid.l0_xy[keep], grid.grid_rc[keep]))
     if not selections:
+        n_slides = len(request["slides"])
+        if len(too_coarse) == n_slides:
+            raise MagnificationUnavailableError(
+                f"MAGA cannot read at {request['high_mag']:g}x: none of the {n_slides} slide(s) "
+                f"is scanned that fine (e.g. {too_coarse[0]}); MAGA needs the "
+                f"{request['high_mag']:g}x originals, not low-magnification exports"
+            )
         raise NoTissueError(
-            f"none of the {len(request['slides'])} slide(s) has tissue patches to build MAGA pairs"
+            f"none of the {n_slides} slide(s) has tissue patches to build MAGA pairs"
+            + (
+                f" ({len(too_coarse)} not scanned at {request['high_mag']:g}x)"
+                if too_coarse
+                else ""
+            )
         )
     return selections
 

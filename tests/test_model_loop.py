@@ -155,7 +155,7 @@ def test_train_validate_shadow_activate_and_roll_back(
         url="https://lis.example.org/hook",
         events=["prediction.ready"],
     )
-    monkeypatch.setattr(webhooks, "_attempt_new", lambda ids: None)  # record, do not send
+    monkeypatch.setattr(webhooks, "attempt_new", lambda ids: None)  # record, do not send
     new_cases = []
     for i in range(10):
         case = make_case_with_slide(
