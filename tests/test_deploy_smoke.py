@@ -302,7 +302,7 @@ def test_a_slide_uploaded_through_nginx_is_analysed_and_viewable(stack, tmp_path
     admin_token = stack.manage("create_token", f"smoke-admin-{RUN}").strip().splitlines()[-1]
     cohort = requests.post(
         f"{stack.base}/api/v1/cohorts/",
-        json={"name": COHORT, "slug": f"smoke-{RUN}"},
+        json={"name": COHORT, "slug": f"smoke-{RUN}", "is_demo": True},  # a demo model serves it
         headers={"Authorization": f"Token {admin_token}"},
         timeout=10,
     )

@@ -187,3 +187,25 @@ def test_rollback_restores_the_previous_model(api_client_for, admin_user, cohort
         rollback(cohort_a, None, "no account")
     with pytest.raises(ActivationError, match="reason"):
         rollback(cohort_a, admin_user, "  ")
+
+
+def test_an_admin_creates_a_demo_cohort_but_cannot_unmark_one_that_runs_a_demo_model(
+    api_client_for, admin_user
+):
+    from portal.analyses.models import ModelVersion
+    from portal.cases.models import Cohort
+
+    client = api_client_for(admin_user)
+    created = client.post(
+        "/api/v1/cohorts/", {"name": "Teaching", "slug": "teaching", "is_demo": True}, format="json"
+    )
+    assert created.status_code == 201 and created.json()["is_demo"] is True
+    cohort = Cohort.objects.get(slug="teaching")
+    demo = ModelVersion.objects.create(
+        name="demo", version="1", task="t", classes=["a", "b"], magnification=5.0, is_demo=True
+    )
+    Cohort.objects.filter(pk=cohort.pk).update(active_model=demo)
+    refused = client.patch(f"/api/v1/cohorts/{cohort.pk}/", {"is_demo": False}, format="json")
+    assert refused.status_code == 400 and "demo model" in refused.json()["is_demo"][0]
+    cohort.refresh_from_db()
+    assert cohort.is_demo is True

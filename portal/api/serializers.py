@@ -53,12 +53,22 @@ class CohortSerializer(serializers.ModelSerializer):
             "slug",
             "description",
             "required_magnification",
+            "is_demo",
             "active_model",
             "created_at",
             "my_role",
         ]
         read_only_fields = ["active_model", "created_at"]
         extra_kwargs = {"required_magnification": {"min_value": 0.1, "max_value": 100.0}}
+
+    def validate_is_demo(self, is_demo: bool) -> bool:
+        model = self.instance.active_model if self.instance is not None else None
+        if not is_demo and model is not None and model.is_demo:
+            raise serializers.ValidationError(
+                f"the cohort's active model {model} is a demo model; activate a clinical model "
+                "before marking the cohort as not demo"
+            )
+        return is_demo
 
     @extend_schema_field(serializers.CharField(allow_null=True))
     def get_my_role(self, cohort: Cohort) -> str | None:
