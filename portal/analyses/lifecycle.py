@@ -84,6 +84,23 @@ def activate(
 
 
 @transaction.atomic
+def mark_active(model: ModelVersion, actor, reason: str, request=None, *, system=False) -> None:
+    """Mark ``model`` usable without making it any cohort's model (guards, reason and audit as
+    ``activate``); ``system=True`` for operators at the command line."""
+    if not system:
+        _require_admin(actor)
+    reason = (reason or "").strip()
+    if not reason:
+        raise ActivationError("Say why this model is being activated (a reason is required).")
+    check_can_activate(model, None)
+    ModelVersion.objects.filter(pk=model.pk).update(active=True)
+    audit.record(
+        actor, "model.activate", model, request=request, reason=reason, sha256=model.sha256
+    )
+    model.refresh_from_db()
+
+
+@transaction.atomic
 def rollback(cohort: Cohort, actor, reason: str, request=None) -> ModelActivation:
     """Undo the cohort's latest activation: its previous model becomes active again."""
     _require_admin(actor)

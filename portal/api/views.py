@@ -217,7 +217,7 @@ class ModelVersionViewSet(viewsets.ReadOnlyModelViewSet):
         Refused (409) when the weights do not verify against their SHA-256 or a demo model
         would go to a cohort not marked as demo; ``reason`` is required and audited.
         """
-        from portal.analyses.lifecycle import ActivationError, activate, check_can_activate
+        from portal.analyses.lifecycle import ActivationError, activate, mark_active
 
         model = self.get_object()
         body = s.ActivateModelSerializer(data=request.data)
@@ -227,12 +227,7 @@ class ModelVersionViewSet(viewsets.ReadOnlyModelViewSet):
             if cohort is not None:
                 activate(model, cohort, request.user, reason, request=request)
             else:
-                check_can_activate(model, None)
-                with transaction.atomic():
-                    ModelVersion.objects.filter(pk=model.pk).update(active=True)
-                    audit.record(
-                        request.user, "model.activate", model, request=request, reason=reason
-                    )
+                mark_active(model, request.user, reason, request=request)
         except ActivationError as exc:
             raise Conflict(str(exc)) from exc
         model.refresh_from_db()

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
-from django.db import transaction
 
 from analysis.bundle import weights_sha256 as bundle_weights_sha256
 from portal.analyses.models import ModelVersion
@@ -76,15 +75,11 @@ class Command(BaseCommand):
 
     @staticmethod
     def _activate(model: ModelVersion, target: Cohort | None, reason: str) -> None:
-        from portal.analyses.lifecycle import ActivationError, activate, check_can_activate
-        from portal.reviews import audit
+        from portal.analyses.lifecycle import ActivationError, activate, mark_active
 
         try:
             if target is None:
-                check_can_activate(model, None)
-                with transaction.atomic():
-                    ModelVersion.objects.filter(pk=model.pk).update(active=True)
-                    audit.record(None, "model.activate", model, reason=reason, source="cli")
+                mark_active(model, None, reason, system=True)
             elif target.active_model_id != model.pk:
                 activate(model, target, None, reason, system=True)
         except ActivationError as exc:
