@@ -181,11 +181,10 @@ def _kmeans_torch(
     return labels.cpu().numpy()
 
 
-def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(C,) class probabilities and (N,) raw instance scores from a MIL model in eval mode.
+def _on_device(mil: Any, features: np.ndarray, grid_rc: np.ndarray, forward: Callable) -> Any:
+    """``forward(feats, coords)`` with the bag on the model's device, under inference mode.
 
-    The bag goes to the model's device and the results come back to the CPU in one copy. When
-    the device runs out of memory the bag is run again with chunked global attention
+    When the device runs out of memory the bag is run again with chunked global attention
     (``analysis.mil.bag.low_memory_attention``, the same result); a bag too big even then
     fails with an ``AnalysisError`` naming its size.
     """
@@ -201,13 +200,13 @@ def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.nda
         coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64)).to(device)
         try:
             try:
-                logits, scores = mil(feats, coords)  # (C,) or (1, C); (N,) or (1, N)
+                return forward(feats, coords)
             except torch.OutOfMemoryError:
                 # Retry once with global attention in small query chunks: the same result,
                 # with a peak that no longer grows with the attention kernel's workspace.
                 release_cached_memory(device)
                 with low_memory_attention():
-                    logits, scores = mil(feats, coords)
+                    return forward(feats, coords)
         except torch.OutOfMemoryError as exc:
             del feats, coords
             release_cached_memory(device)
@@ -218,9 +217,19 @@ def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.nda
                 "a device with more memory (LOWMAG_DEVICE) or analyse fewer patches "
                 "(a higher min_tissue)"
             ) from None
+
+
+def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(C,) class probabilities and (N,) raw instance scores from a MIL model in eval mode; the
+    results come back to the CPU in one copy (device and memory handling: ``_on_device``)."""
+    import torch
+
+    def forward(feats, coords):
+        logits, scores = mil(feats, coords)  # (C,) or (1, C); (N,) or (1, N)
         probabilities = torch.softmax(logits.float().reshape(-1), dim=0)  # (C,)
-        both = torch.cat([probabilities, scores.float().reshape(-1)]).cpu()  # one copy back
-    n_classes = int(probabilities.shape[0])
+        return len(probabilities), torch.cat([probabilities, scores.float().reshape(-1)]).cpu()
+
+    n_classes, both = _on_device(mil, features, grid_rc, forward)
     values = both.numpy()
     return values[:n_classes], values[n_classes:]
 
@@ -236,37 +245,24 @@ def run_mil_evidence(
     """
     import torch
 
-    from analysis.devices import module_device
     from analysis.mil.evidence import evidence_target
 
     if not hasattr(mil, "instance_evidence"):
         probabilities, attention = run_mil(mil, features, grid_rc)
         return probabilities, attention, np.zeros(0, np.float32), int(np.argmax(probabilities))
-    device = module_device(mil)
-    n, dim = (int(v) for v in np.shape(features))
-    with torch.inference_mode():
-        feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
-        coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64)).to(device)
-        try:
-            logits, attention, evidence = mil.instance_evidence(feats, coords)
-            probs = torch.softmax(logits.float().reshape(-1), dim=0)  # (C,)
-            target = evidence_target(classes, probs.cpu().numpy())
-            if target != int(probs.argmax()):
-                _, _, evidence = mil.instance_evidence(feats, coords, target)
-        except torch.OutOfMemoryError as exc:
-            del feats, coords
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise AnalysisError(
-                f"the slide's bag of {n} patches x {dim} features does not fit in the memory of "
-                f"{device} for {type(mil).__name__} ({str(exc).splitlines()[0][:160]}); run it on "
-                "a device with more memory (LOWMAG_DEVICE) or analyse fewer patches "
-                "(a higher min_tissue)"
-            ) from None
+    n = int(np.shape(features)[0])
+
+    def forward(feats, coords):
+        logits, attention, evidence = mil.instance_evidence(feats, coords)
+        probs = torch.softmax(logits.float().reshape(-1), dim=0)  # (C,)
+        target = evidence_target(classes, probs.cpu().numpy())
+        if target != int(probs.argmax()):
+            _, _, evidence = mil.instance_evidence(feats, coords, target)
         parts = [probs, attention.float().reshape(-1), evidence.float().reshape(-1)]
-        both = torch.cat(parts).cpu()  # one copy back
+        return len(probs), target, torch.cat(parts).cpu()  # one copy back
+
+    n_classes, target, both = _on_device(mil, features, grid_rc, forward)
     values = both.numpy()
-    n_classes = int(probs.shape[0])
     return values[:n_classes], values[n_classes : n_classes + n], values[n_classes + n :], target
 
 

@@ -104,6 +104,34 @@ def test_an_out_of_memory_bag_is_retried_with_chunked_attention_and_gives_the_sa
         run_mil(mil, features, grid_rc)
 
 
+def test_the_class_evidence_path_gets_the_same_chunked_retry(monkeypatch):
+    """predict_slide's default path (GLTrans with class evidence) retries like run_mil."""
+    from analysis.mil import bag, build_mil
+    from analysis.pipeline import run_mil_evidence
+
+    torch.manual_seed(0)
+    config = {"in_dim": 16, "dim": 32, "n_heads": 4, "depth": 2, "n_classes": 2}
+    mil = build_mil("gltrans", config).eval()
+    rng = np.random.default_rng(1)
+    n = 500
+    features = rng.normal(size=(n, 16)).astype(np.float32)
+    grid_rc = np.stack(np.divmod(np.arange(n), 25), axis=1)
+    classes = ["normal", "tumor"]
+    expected = run_mil_evidence(mil, features, grid_rc, classes)  # unlimited memory
+
+    ran = limit_attention_memory(monkeypatch, max_scores=4 * 501 * 100)
+    monkeypatch.setattr(bag, "LOW_MEMORY_CHUNK_ELEMENTS", 4 * 501 * 64)
+    probabilities, attention, evidence, target = run_mil_evidence(mil, features, grid_rc, classes)
+    assert ran and max(ran) <= 4 * 501 * 64
+    assert target == expected[3]
+    for got, want in zip((probabilities, attention, evidence), expected[:3], strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+    monkeypatch.setattr(bag, "LOW_MEMORY_CHUNK_ELEMENTS", 4 * 501 * 200)
+    with pytest.raises(AnalysisError, match=r"bag of 500 patches x 16 features.*chunked"):
+        run_mil_evidence(mil, features, grid_rc, classes)
+
+
 def test_the_encoder_halves_its_batch_on_out_of_memory_and_gives_the_same_embeddings():
     from analysis.encoders import ResNet50Trunc
 
