@@ -110,6 +110,11 @@ class ShadowDeploymentViewSet(
     permission_classes = [IsAdmin]
     serializer_class = ShadowDeploymentSerializer
     queryset = ShadowDeployment.objects.all()
+    error_responses = {
+        "create": {
+            409: "The candidate cannot run in shadow mode in this cohort (the reason says why)."
+        }
+    }
 
     @extend_schema(request=StartShadowSerializer, responses={201: ShadowDeploymentSerializer})
     def create(self, request, *args, **kwargs):
@@ -160,6 +165,9 @@ class ModelActivationViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     permission_classes = [IsAdmin]
     serializer_class = ModelActivationSerializer
     queryset = ModelActivation.objects.all()
+    error_responses = {
+        "rollback": {409: "Nothing to roll back to, or the earlier model fails its checks."}
+    }
 
     @extend_schema(request=RollbackSerializer, responses=ModelActivationSerializer)
     @action(detail=False, methods=["post"])

@@ -53,10 +53,19 @@ class FhirJSONRenderer(JSONRenderer):
 
 
 DETAIL = inline_serializer("Detail", {"detail": serializers.CharField()})
-INVALID = OpenApiResponse(
-    response={"type": "object", "additionalProperties": True},
-    description="What is invalid: {field: [messages]} or {detail: message}",
+# Each viewset's ``error_responses`` ({action: {status: why}}) lists the refusals only its own
+# actions give; portal.api.schema adds those every operation shares (401, 403, 404, 429, ...).
+IDENTITY_FROZEN = (
+    "The case is signed: its patient, accession number and cohort are locked "
+    "(an admin corrects them with amend-identity)."
 )
+ANNOTATIONS_LOCKED = "The case is signed: its annotations are locked."
+NO_SUCH_SLIDE = "No such slide among your cohorts' (?slide=<id>)."
+STALE_VERSION = "The object changed since you read it (If-Match); reload it and apply again."
+CLOSED_OPINION = "The request is already answered or closed."
+SIGNED_DIAGNOSIS = "A signed diagnosis never changes; amend it with a reason."
+PASSWORD_LOCKOUT = "Too many wrong passwords: the account is locked; retry after Retry-After."
+WRONG_PASSWORD = "The password is not yours, or your role in the cohort does not allow this."
 
 
 def _expected_version(request) -> int | None:
@@ -105,6 +114,12 @@ class CaseViewSet(viewsets.ModelViewSet):
     }
     search_fields = ["patient_id", "accession_number", "clinical_question"]
     ordering_fields = ["created_at", "updated_at", "priority", "status", "accession_number"]
+    error_responses = {
+        "update": {409: IDENTITY_FROZEN},
+        "partial_update": {409: IDENTITY_FROZEN},
+        "amend_identity": {409: "Nothing to change: give a new patient_id or accession_number."},
+        "fhir": {409: "Only signed cases have a diagnostic report; sign the diagnosis first."},
+    }
 
     def get_queryset(self):
         cases = Case.objects.select_related("created_by").prefetch_related("slides")
@@ -131,7 +146,7 @@ class CaseViewSet(viewsets.ModelViewSet):
 
     @extend_schema(
         request=s.CaseIdentityAmendSerializer,
-        responses={200: s.CaseSerializer, 400: INVALID, 403: DETAIL, 409: DETAIL},
+        responses=s.CaseSerializer,
     )
     @action(detail=True, methods=["post"], url_path="amend-identity", permission_classes=[IsAdmin])
     def amend_identity(self, request, pk=None):
@@ -156,12 +171,7 @@ class CaseViewSet(viewsets.ModelViewSet):
             audit.record(request.user, "case.view", case, request=request)
         return Response(self.get_serializer(case).data)
 
-    @extend_schema(
-        responses={
-            200: OpenApiResponse(description="FHIR R4 DiagnosticReport (JSON)"),
-            409: DETAIL,
-        }
-    )
+    @extend_schema(responses={200: OpenApiResponse(description="FHIR R4 DiagnosticReport (JSON)")})
     @action(
         detail=True,
         methods=["get"],
@@ -206,10 +216,14 @@ class ModelVersionViewSet(viewsets.ReadOnlyModelViewSet):
     filter_params = {"task": ("task", str), "active": ("active", bool), "name": ("name", str)}
     search_fields = ["name", "version", "task"]
     ordering_fields = ["name", "created_at"]
+    error_responses = {
+        "activate": {
+            409: "The weights do not verify against their SHA-256, or a demo model would serve "
+            "a cohort not marked as demo."
+        }
+    }
 
-    @extend_schema(
-        request=s.ActivateModelSerializer, responses={200: s.ModelVersionSerializer, 409: DETAIL}
-    )
+    @extend_schema(request=s.ActivateModelSerializer, responses=s.ModelVersionSerializer)
     @action(detail=True, methods=["post"], permission_classes=[IsAdmin])
     def activate(self, request, pk=None):
         """Mark the model active; with ``cohort``, also make it that cohort's model.
@@ -244,6 +258,10 @@ class AnalysisJobViewSet(viewsets.ReadOnlyModelViewSet):
         "state": ("state", [c for c, _ in AnalysisJob.STATES]),
     }
     ordering_fields = ["created_at", "finished_at"]
+    error_responses = {
+        "cancel": {409: "The job already ended; only queued or running jobs are cancelled."},
+        "retry": {409: "Only failed or cancelled jobs are retried."},
+    }
 
     def get_queryset(self):
         return visible(AnalysisJob.objects.all(), self.request.user, "slide__case__cohort")
@@ -254,7 +272,7 @@ class AnalysisJobViewSet(viewsets.ReadOnlyModelViewSet):
         require_role(request.user, cohort_id.get(), (PATHOLOGIST, INTEGRATION), doing)
         return job
 
-    @extend_schema(request=None, responses={200: s.AnalysisJobSerializer, 409: DETAIL})
+    @extend_schema(request=None, responses=s.AnalysisJobSerializer)
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
         """Stop a queued or running analysis (a running one stops at its next progress step)."""
@@ -269,7 +287,7 @@ class AnalysisJobViewSet(viewsets.ReadOnlyModelViewSet):
         job.refresh_from_db()
         return Response(self.get_serializer(job).data)
 
-    @extend_schema(request=None, responses={202: s.AnalysisJobSerializer, 409: DETAIL})
+    @extend_schema(request=None, responses={202: s.AnalysisJobSerializer})
     @action(detail=True, methods=["post"])
     def retry(self, request, pk=None):
         """Queue a failed or cancelled analysis again (same slide, same model)."""
@@ -330,6 +348,18 @@ class AnnotationViewSet(viewsets.ModelViewSet):
         "classification": ("classification_name", str),
     }
     ordering_fields = ["created_at", "updated_at"]
+    error_responses = {
+        "create": {409: ANNOTATIONS_LOCKED},
+        "update": {409: f"{ANNOTATIONS_LOCKED} Or it was deleted.", 412: STALE_VERSION},
+        "partial_update": {409: f"{ANNOTATIONS_LOCKED} Or it was deleted.", 412: STALE_VERSION},
+        "destroy": {
+            400: "If-Match is not a row version.",
+            409: f"{ANNOTATIONS_LOCKED} Or it was deleted.",
+            412: STALE_VERSION,
+        },
+        "import_geojson": {404: NO_SUCH_SLIDE, 409: ANNOTATIONS_LOCKED},
+        "export_geojson": {404: NO_SUCH_SLIDE},
+    }
 
     def get_queryset(self):
         annotations = Annotation.objects.select_related("author", "slide").annotate(
@@ -420,7 +450,7 @@ class AnnotationViewSet(viewsets.ModelViewSet):
             ),
         ],
         request={"application/json": s.FEATURE_COLLECTION_SCHEMA},
-        responses={201: s.ImportResultSerializer, 400: INVALID},
+        responses={201: s.ImportResultSerializer},
     )
     @action(detail=False, methods=["post"], url_path="import", filter_backends=[])
     def import_geojson(self, request):
@@ -539,6 +569,31 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
         "status": ("status", [c for c, _ in Diagnosis.STATUSES]),
     }
     ordering_fields = ["created_at", "signed_at", "version"]
+    error_responses = {
+        "create": {409: "The case is signed (amend its latest diagnosis) or already has a draft."},
+        "update": {
+            409: SIGNED_DIAGNOSIS,
+            412: STALE_VERSION,
+            428: "Send the row version you read: If-Match or row_version.",
+        },
+        "partial_update": {
+            409: SIGNED_DIAGNOSIS,
+            412: STALE_VERSION,
+            428: "Send the row version you read: If-Match or row_version.",
+        },
+        "destroy": {409: SIGNED_DIAGNOSIS},
+        "sign": {
+            403: WRONG_PASSWORD,
+            409: "This diagnosis is already signed.",
+            412: STALE_VERSION,
+            429: PASSWORD_LOCKOUT,
+        },
+        "amend": {
+            403: WRONG_PASSWORD,
+            409: "Only the latest signed version is amended.",
+            429: PASSWORD_LOCKOUT,
+        },
+    }
 
     def get_queryset(self):
         diagnoses = Diagnosis.objects.select_related("case", "author", "signed_by")
@@ -570,7 +625,7 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
 
     @extend_schema(
         parameters=[OpenApiParameter("If-Match", str, OpenApiParameter.HEADER, required=False)],
-        responses={200: s.DiagnosisSerializer, 409: DETAIL, 412: DETAIL, 428: DETAIL},
+        responses=s.DiagnosisSerializer,
     )
     def update(self, request, *args, **kwargs):
         partial = kwargs.pop("partial", False)
@@ -585,7 +640,7 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
 
     @extend_schema(
         parameters=[OpenApiParameter("If-Match", str, OpenApiParameter.HEADER, required=False)],
-        responses={200: s.DiagnosisSerializer, 409: DETAIL, 412: DETAIL, 428: DETAIL},
+        responses=s.DiagnosisSerializer,
     )
     def partial_update(self, request, *args, **kwargs):
         return self.update(request, *args, partial=True, **kwargs)
@@ -610,7 +665,7 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
 
     @extend_schema(
         request=s.SignSerializer,
-        responses={200: s.DiagnosisSerializer, 403: DETAIL, 409: DETAIL, 412: DETAIL},
+        responses=s.DiagnosisSerializer,
     )
     @action(detail=True, methods=["post"])
     def sign(self, request, pk=None):
@@ -628,7 +683,7 @@ class DiagnosisViewSet(viewsets.ModelViewSet):
 
     @extend_schema(
         request=s.AmendSerializer,
-        responses={201: s.DiagnosisSerializer, 403: DETAIL, 409: DETAIL},
+        responses={201: s.DiagnosisSerializer},
     )
     @action(detail=True, methods=["post"])
     def amend(self, request, pk=None):
@@ -666,6 +721,9 @@ class SecondOpinionViewSet(
         "assigned_to": ("assigned_to_id", int),
     }
     ordering_fields = ["created_at"]
+    error_responses = {
+        action: {409: CLOSED_OPINION} for action in ("update", "partial_update", "answer", "close")
+    }
 
     def get_queryset(self):
         opinions = SecondOpinionRequest.objects.select_related("case", "requested_by")
@@ -697,7 +755,7 @@ class SecondOpinionViewSet(
 
     @extend_schema(
         request=s.SecondOpinionAnswerSerializer,
-        responses={200: s.SecondOpinionSerializer, 409: DETAIL},
+        responses=s.SecondOpinionSerializer,
     )
     @action(detail=True, methods=["post"])
     def answer(self, request, pk=None):
@@ -853,7 +911,12 @@ class LoginView(APIView):
 
     @extend_schema(
         request=s.LoginSerializer,
-        responses={200: s.MeSerializer, 400: INVALID, 403: DETAIL, 429: DETAIL},
+        responses={
+            200: s.MeSerializer,
+            400: OpenApiResponse(description="Invalid username or password."),
+            403: OpenApiResponse(description="The CSRF token is missing (GET this URL first)."),
+            429: OpenApiResponse(description=PASSWORD_LOCKOUT),
+        },
     )
     def post(self, request):
         SessionAuthentication().enforce_csrf(request)

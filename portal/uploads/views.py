@@ -108,6 +108,11 @@ TUS_RESUMABLE = OpenApiParameter(
     tus.RESUMABLE, str, OpenApiParameter.HEADER, required=True, enum=[tus.TUS_VERSION]
 )
 BINARY_BODY = {tus.OFFSET_CONTENT_TYPE: OpenApiTypes.BINARY}
+# Error bodies: portal.api.schema gives every 4xx here the shared {"detail": ...}.
+VERSION_REFUSED = OpenApiResponse(description=f"Tus-Resumable is not {tus.TUS_VERSION}.")
+CONTENT_TYPE_REFUSED = OpenApiResponse(
+    description=f"Content-Type is not {tus.OFFSET_CONTENT_TYPE}."
+)
 
 
 def _header(name: str, description: str, required: bool = False) -> OpenApiParameter:
@@ -176,8 +181,13 @@ class UploadCollectionView(TusView):
         request=BINARY_BODY,
         responses={
             201: OpenApiResponse(description="Created; Location is the upload's URL."),
+            400: OpenApiResponse(description="A tus header is missing or malformed."),
             404: OpenApiResponse(description="No such case among the user's cohorts."),
+            409: OpenApiResponse(description="The case is signed; slides cannot be added."),
+            411: OpenApiResponse(description="A chunked body: send Content-Length."),
+            412: VERSION_REFUSED,
             413: OpenApiResponse(description="Upload-Length exceeds Tus-Max-Size."),
+            415: CONTENT_TYPE_REFUSED,
         },
     )
     def post(self, request: Request) -> HttpResponse:
@@ -226,7 +236,15 @@ class UploadView(TusView):
                 "adds Upload-Slide-Id, Upload-Slide-Status, Upload-Status-Url, and "
                 "Upload-Slide-Reason (failed) or Upload-Duplicate (already a slide)."
             ),
+            400: OpenApiResponse(description="A tus header is missing or malformed."),
+            404: OpenApiResponse(description="No such upload of yours."),
             409: OpenApiResponse(description="Upload-Offset does not match."),
+            410: OpenApiResponse(description="The upload's data is gone; start a new upload."),
+            411: OpenApiResponse(description="A chunked body: send Content-Length."),
+            412: VERSION_REFUSED,
+            413: OpenApiResponse(description="The body would exceed Upload-Length."),
+            415: CONTENT_TYPE_REFUSED,
+            423: OpenApiResponse(description="Another request is writing to this upload; retry."),
             460: OpenApiResponse(description="Checksum mismatch; the chunk was discarded."),
         },
     )
@@ -240,7 +258,12 @@ class UploadView(TusView):
     @extend_schema(
         summary="Abandon an unfinished upload (tus termination)",
         parameters=[TUS_RESUMABLE],
-        responses={204: None},
+        responses={
+            204: None,
+            404: OpenApiResponse(description="No such upload of yours."),
+            409: OpenApiResponse(description="The upload is complete; it cannot be abandoned."),
+            412: VERSION_REFUSED,
+        },
     )
     def delete(self, request: Request, upload_id) -> HttpResponse:
         upload = _own_upload(request, upload_id)
