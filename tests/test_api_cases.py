@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from django.test import Client
 
+from portal.analyses.models import Prediction
 from portal.cases.models import Case
 from tests.portal_fixtures import PASSWORD, make_case, make_user
 
@@ -153,6 +155,45 @@ def test_prediction_scores_come_back_in_grid_order(api_client_for, path_a, predi
     body = api_client_for(path_a).get(f"/api/v1/predictions/{prediction_a.pk}/scores/").json()
     assert body["grid"]["n_rows"] == 3 and len(body["scores"]) == 12
     assert body["scores"][0] == 0.0 and body["scores"][-1] == 1.0
+
+
+def test_prediction_scores_give_attention_and_class_evidence(api_client_for, path_a, prediction_a):
+    evidence = np.linspace(-2, 3, 12)
+    prediction_a.evidence_scores = Prediction.pack_scores(evidence)
+    prediction_a.evidence_class = "tumor"
+    prediction_a.save()
+    body = api_client_for(path_a).get(f"/api/v1/predictions/{prediction_a.pk}/scores/").json()
+    stored = prediction_a.evidence()  # float16, as the heatmap's evidence layer reads it
+    assert body["evidence"] == [round(float(v), 4) for v in stored]
+    assert body["evidence"][0] == -2.0 and body["evidence"][-1] == 3.0
+    assert body["evidence_class"] == "tumor"
+    assert body["attention"] == body["scores"]  # ``scores``: attention, for older clients
+    assert body["attention"] == [round(float(v), 4) for v in prediction_a.scores()]
+
+
+def test_a_prediction_without_class_evidence_answers_null(api_client_for, path_a, prediction_a):
+    response = api_client_for(path_a).get(f"/api/v1/predictions/{prediction_a.pk}/scores/")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["evidence"] is None and body["evidence_class"] is None
+    assert len(body["attention"]) == 12
+
+
+def test_prediction_scores_of_another_cohort_answer_404(api_client_for, path_b, prediction_a):
+    prediction_a.evidence_scores = Prediction.pack_scores(np.ones(12))
+    prediction_a.evidence_class = "tumor"
+    prediction_a.save()
+    response = api_client_for(path_b).get(f"/api/v1/predictions/{prediction_a.pk}/scores/")
+    assert response.status_code == 404 and "evidence" not in response.json()
+
+
+def test_the_schema_documents_attention_and_evidence(api_client_for, admin_user):
+    schema = api_client_for(admin_user).get("/api/schema/?format=json").json()
+    scores = schema["components"]["schemas"]["PredictionScores"]
+    fields = set(scores["properties"])
+    assert {"grid", "attention", "evidence", "evidence_class", "scores"} <= fields
+    assert scores["properties"]["evidence"]["nullable"] is True
+    assert scores["properties"]["scores"].get("deprecated") is True
 
 
 def test_session_login_then_csrf_protected_writes(path_a, case_a):

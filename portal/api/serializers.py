@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from django.contrib.auth import get_user_model
-from drf_spectacular.utils import extend_schema_field
+from drf_spectacular.utils import extend_schema_field, extend_schema_serializer
 from rest_framework import serializers
 
 from portal.analyses.models import AnalysisJob, ModelVersion, Prediction
@@ -196,9 +196,50 @@ class PredictionSerializer(serializers.ModelSerializer):
         return {"n_rows": grid.get("n_rows", 0), "n_cols": grid.get("n_cols", 0)}
 
 
+def _rounded(values) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
+
+@extend_schema_serializer(deprecate_fields=["scores"])
 class PredictionScoresSerializer(serializers.Serializer):
-    grid = serializers.JSONField()
-    scores = serializers.ListField(child=serializers.FloatField())
+    """A prediction's per-patch values, one per grid cell in grid order (see ``grid``)."""
+
+    grid = serializers.JSONField(
+        help_text="n_rows, n_cols, l0_patch_size (level-0 pixels) and grid_rc of the cells."
+    )
+    attention = serializers.ListField(
+        child=serializers.FloatField(),
+        help_text="Attention: where the model looked. Class-agnostic, so a benign slide has "
+        "hot cells too; the heatmap's score layer.",
+    )
+    evidence = serializers.ListField(
+        child=serializers.FloatField(),
+        allow_null=True,
+        help_text="Signed class evidence for evidence_class, in logit units: positive argues "
+        "for the class, negative against it; the heatmap's evidence layer. Null when the model "
+        "gives none (TransMIL) and for predictions made before class evidence was stored.",
+    )
+    evidence_class = serializers.CharField(
+        allow_null=True,
+        help_text="The class the evidence is for: the predicted class, or for a reference call "
+        "(normal, benign, ...) the most probable other class. Null without evidence.",
+    )
+    scores = serializers.ListField(
+        child=serializers.FloatField(),
+        help_text="The attention again, for clients written before evidence; use attention.",
+    )
+
+    def to_representation(self, instance: Prediction) -> dict:
+        attention = _rounded(instance.scores())
+        evidence = instance.evidence()
+        has_evidence = len(evidence) > 0
+        return {
+            "grid": instance.grid,
+            "attention": attention,
+            "evidence": _rounded(evidence) if has_evidence else None,
+            "evidence_class": (instance.evidence_class or None) if has_evidence else None,
+            "scores": attention,
+        }
 
 
 class ClassificationSerializer(serializers.Serializer):

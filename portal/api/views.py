@@ -305,7 +305,7 @@ class AnalysisJobViewSet(viewsets.ReadOnlyModelViewSet):
 
 
 class PredictionViewSet(viewsets.ReadOnlyModelViewSet):
-    """Slide-level predictions; instance scores through ``scores``."""
+    """Slide-level predictions; per-patch attention and class evidence through ``scores``."""
 
     serializer_class = s.PredictionSerializer
     filter_params = {
@@ -323,10 +323,8 @@ class PredictionViewSet(viewsets.ReadOnlyModelViewSet):
     @extend_schema(responses=s.PredictionScoresSerializer)
     @action(detail=True, methods=["get"])
     def scores(self, request, pk=None):
-        """Instance scores (one per grid cell, grid order) and the grid they belong to."""
-        prediction = self.get_object()
-        scores = [round(float(v), 4) for v in prediction.scores()]
-        return Response({"grid": prediction.grid, "scores": scores})
+        """Per-patch attention and class evidence (one value per grid cell, grid order)."""
+        return Response(s.PredictionScoresSerializer(self.get_object()).data)
 
 
 SLIDE_PARAM = OpenApiParameter("slide", int, required=True, description="Slide id")
