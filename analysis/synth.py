@@ -5,15 +5,19 @@ purple nuclei on two staggered jittered lattices. Colour follows Beer-Lambert wi
 hematoxylin and an eosin absorbance per channel.
 
 Two classes that differ in fine-scale morphology only. Every nucleus carries fine chromatin
-cords: streaks of period ~1-1.8 µm read from one unit-Gaussian texture, which also roughen the
-nuclear border by a zero-mean amount. In normal nuclei the cords run in a random direction; in
-*lesion* regions (ground-truth mask at ``MASK_L0_PER_PX``) they run along the nucleus's long
-axis (``morphology_strength`` 0..1 sets how fully). Nucleus size, shape, density, stain, and
-every per-pixel density value are drawn from the same distributions in both classes (texture
-clipped symmetrically, so zero-mean in density after clipping), so colour, optical density and
-texture energy agree at any scale. At 20x (0.5 µm/px) the cords span 2-3.6 pixels and their
-alignment is plain to measure (``analysis.synthcheck.cord_alignment``); 10x keeps a distorted
-part of it; a 4x area-average (5x, 2 µm/px) leaves nothing a first-order statistic separates.
+cords: streaks read from a unit-Gaussian texture, which also roughen the nuclear border by a
+zero-mean amount. Under the default cue (``SynthDesign.cue = "period"``) normal nuclei's cords
+have a period of 1.5-2.2 µm; in *lesion* regions (ground-truth mask at ``MASK_L0_PER_PX``) a
+share ``morphology_strength`` (0..1) of the nuclei carry finer cords, 1.0-1.25 µm. The
+other cue, ``"alignment"``, keeps one period and turns lesion cords along the nucleus's long
+axis instead (a relation a randomly initialised encoder does not resolve). Nucleus size, shape,
+density, stain, and every per-pixel density value are drawn from the same distributions in both
+classes (texture clipped symmetrically, so zero-mean in density after clipping): the classes
+differ only in how the same values are arranged, so colour and optical density agree at any
+scale. At 20x (0.5 µm/px) both periods are resolved (2-4.4 pixels) and their difference is
+plain to measure (``analysis.synthcheck.cord_fineness``); at 10x the lesion cords fall past the
+sampling limit while normal ones only just survive; a 4x area-average (5x, 2 µm/px) leaves
+nothing a first-order statistic separates.
 
 Everything is a function of level-0 coordinates (hashed lattices, periodic texture tiles,
 smooth coarse fields), so any region renders on its own: slides stream strip by strip.
@@ -46,13 +50,15 @@ class SynthDesign:
     """Physical design of the synthetic tissue (µm); shared by both classes unless noted."""
 
     cell_um: float = 12.0  # spacing of each of the two nucleus lattices
-    nucleus_radius_um: tuple[float, float] = (2.6, 3.6)  # semi-major axis range
+    nucleus_radius_um: tuple[float, float] = (3.5, 4.8)  # semi-major axis range
     nucleus_aspect: tuple[float, float] = (0.6, 0.95)  # minor / major axis
     nucleus_density: float = 0.5  # mean chance a lattice cell in tissue holds a nucleus
-    speckle_period_um: tuple[float, float] = (1.0, 1.8)  # fine chromatin cords, both classes
+    speckle_period_um: tuple[float, float] = (1.5, 2.2)  # fine chromatin cords, normal nuclei
     speckle_amplitude: float = 0.35  # fine chromatin std relative to nuclear density
     cord_angle_deg: float = 20.0  # cords: wave vectors within this of the cord normal
     lesion_alignment: float = 1.0  # lesion cords' alignment with the nucleus axis at strength 1
+    cue: str = "period"  # "period": lesion cords are finer; "alignment": they follow the axis
+    lesion_period_um: tuple[float, float] = (1.0, 1.25)  # lesion cords under cue "period"
     membrane_fray: float = 0.25  # border roughness (fine chromatin moves the edge), both classes
     chromatin_period_um: tuple[float, float] = (3.0, 6.0)  # coarse chromatin, both classes
     fibre_period_um: tuple[float, float] = (4.0, 14.0)  # stroma fibres, both classes
@@ -240,7 +246,7 @@ class SlideModel:
         self.strength = float(morphology_strength)
         self.cell_px = max(8, round(design.cell_um / mpp))
         self._coarse_fields(lesion_fraction)
-        self.textures = _texture_tiles(seed, mpp, design)  # (T, T, 3)
+        self.textures = _texture_tiles(seed, mpp, design)  # (T, T, 4)
         self.texture_offset = np.random.default_rng([seed, 3]).integers(0, TEXTURE_PX, 2)
 
     # -- coarse fields (one value per 16x16 level-0 pixels) -------------------------------------
@@ -331,12 +337,12 @@ class SlideModel:
     def _lattice(self, lattice: int, offset: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """Render one jittered lattice of nuclei, each confined to its cell.
 
-        Fine chromatin is a cord texture (streaks of period ~1-1.8 µm) read nearest-pixel in a
-        frame turned to each nucleus's own cord direction, at a per-nucleus place, so both
-        classes draw every pixel from the same unit-Gaussian marginal with the same orientation
-        statistics. Normal nuclei's cords run in a random direction; lesion nuclei's cords run
-        along the nucleus's long axis (fully at ``morphology_strength`` 1). The class difference
-        is that alignment, a relation between ~1.5 µm texture and ~6 µm shape. The same value
+        Fine chromatin is a cord texture (unit-Gaussian streaks) read nearest-pixel in a frame
+        turned to each nucleus's own cord direction, at a per-nucleus place, so both classes draw
+        every pixel from the same unit-Gaussian marginal. Under the "period" cue a lesion
+        nucleus reads the finer cord tile (channel 3) with chance ``morphology_strength``, the
+        others the normal tile (channel 0), all in random directions; under "alignment" lesion
+        cords turn towards the nucleus's long axis instead. The same value
         moves the border by a zero-mean amount (fine membrane detail, both classes).
         """
         d = self.design
@@ -359,7 +365,7 @@ class SlideModel:
         rows = (iv + p["off_y"][:, None, :, None]) % TEXTURE_PX
         cols = (iu + p["off_x"][:, None, :, None]) % TEXTURE_PX
         del iu, iv
-        fine = self.textures[rows, cols, 0]
+        fine = self.textures[rows, cols, p["channel"][:, None, :, None]]
         del rows, cols
         edge = 1.0 - d2 + d.membrane_fray * fine
         cover = np.clip(edge * p["sharp"][:, None, :, None], 0.0, 1.0)
@@ -377,7 +383,7 @@ class SlideModel:
     ) -> dict[str, np.ndarray]:
         d = self.design
         c = self.cell_px
-        u = _uniforms(self.seed, lattice, cell_r, cell_c, 10)  # (10, nr, nc)
+        u = _uniforms(self.seed, lattice, cell_r, cell_c, 11)  # (11, nr, nc)
         center_y = cell_r * c - offset + c // 2
         center_x = cell_c * c - offset + c // 2
         in_tissue = self._coarse_at(self.tissue_field, center_y, center_x) > self.tissue_threshold
@@ -387,8 +393,16 @@ class SlideModel:
         a = r_lo + (r_hi - r_lo) * u[1]
         b = a * (d.nucleus_aspect[0] + (d.nucleus_aspect[1] - d.nucleus_aspect[0]) * u[2])
         theta = np.pi * u[3]
-        # cords: a random turn from the long axis, shrunk towards 0 in lesion nuclei
-        aligned = min(max(d.lesion_alignment * self.strength, 0.0), 1.0)
+        # cords: a random turn from the long axis (shrunk towards 0 in lesion nuclei under
+        # the "alignment" cue) and which cord tile the nucleus reads
+        if d.cue == "period":  # a share of lesion nuclei carry the finer cords
+            aligned = 0.0
+            channel = np.where(lesion & (u[10] < self.strength), 3, 0)
+        elif d.cue == "alignment":  # lesion cords turn towards the long axis
+            aligned = min(max(d.lesion_alignment * self.strength, 0.0), 1.0)
+            channel = np.zeros(np.shape(lesion), dtype=np.intp)
+        else:
+            raise ValueError(f"unknown cue {d.cue!r}: expected 'period' or 'alignment'")
         turn = np.pi * (u[9] - 0.5) * np.where(lesion, 1.0 - aligned, 1.0)
         margin = min(r_hi + 1.0, c / 2)
         f32 = np.float32
@@ -405,6 +419,7 @@ class SlideModel:
             "cord_sin": np.sin(theta + turn).astype(f32),
             "off_y": (u[7] * TEXTURE_PX).astype(np.intp),
             "off_x": (u[8] * TEXTURE_PX).astype(np.intp),
+            "channel": channel.astype(np.intp),
         }
 
     # -- associated images --------------------------------------------------------------------
@@ -569,10 +584,11 @@ def _interp_matrix(start: int, n: int, size: int) -> tuple[np.ndarray, int]:
 
 
 def _texture_tiles(seed: int, mpp: float, design: SynthDesign) -> np.ndarray:
-    """(T, T, 3) float32 periodic textures: fine chromatin cords, chromatin, stroma.
+    """(T, T, 4) float32 periodic textures: cords, chromatin, stroma, lesion cords.
 
-    The cord tile is unit-variance band-limited noise keeping only wave vectors within
-    ``cord_angle_deg`` of the row axis: streaks along the columns.
+    The cord tiles are unit-variance band-limited noise keeping only wave vectors within
+    ``cord_angle_deg`` of the row axis: streaks along the columns; the lesion tile (drawn last,
+    so the others do not depend on it) has the finer ``lesion_period_um``.
     """
     rng = np.random.default_rng([seed, 2])
     n = TEXTURE_PX
@@ -593,7 +609,8 @@ def _texture_tiles(seed: int, mpp: float, design: SynthDesign) -> np.ndarray:
     stroma = design.fibre_base + design.fibre_contrast * fibre + design.grain_contrast * grain
     along_rows = np.abs(np.sin(angle)) >= np.cos(np.deg2rad(design.cord_angle_deg))
     cords = band(design.speckle_period_um, along_rows)
-    return np.stack([cords, chromatin, stroma], axis=-1).astype(np.float32)
+    fine = band(design.lesion_period_um, along_rows)
+    return np.stack([cords, chromatin, stroma, fine], axis=-1).astype(np.float32)
 
 
 def _wavy_fibres(

@@ -2,9 +2,11 @@
 
 ``colour_od_stats`` is what a first-order baseline sees on plain pixels: per-channel optical
 density means, spreads and percentiles over nuclear and all pixels, plus a fine-texture energy.
-``cord_alignment`` measures the class difference itself: how well the fine chromatin streaks
-line up with each nucleus's long axis (double-angle agreement between the fine-scale
-structure tensor and the nucleus-scale Hessian), meaningful only where the cords are resolved.
+``cord_fineness`` measures the default class difference itself: how much of the nuclear fine
+chromatin energy sits in the finer of two bands (lesion cords are finer), meaningful only where
+the cords are resolved. ``cord_alignment`` measures the other cue: how well the streaks line up
+with each nucleus's long axis (double-angle agreement between the fine-scale structure tensor
+and the nucleus-scale Hessian).
 """
 
 from __future__ import annotations
@@ -39,6 +41,23 @@ def colour_od_stats(rgb: np.ndarray) -> np.ndarray:
             [nuclear.mean(), float((ndimage.laplace(grey) ** 2).mean())],
         ]
     )
+
+
+def cord_fineness(rgb: np.ndarray, um_per_px: float) -> float:
+    """Log ratio of fine- to mid-band chromatin energy over nuclear pixels (higher: finer cords).
+
+    The bands are differences of Gaussians at 0.5/0.8 and 0.8/1.6 20x pixels, scaled to the
+    image's resolution; at 5x both fall below one pixel, so the ratio carries no class signal.
+    """
+    scale = 0.5 / um_per_px  # pixels per 20x pixel
+    od = optical_density(rgb)[..., 0]
+    nuclear = ndimage.gaussian_filter(od, 1.0 * scale) > NUCLEAR_RED_OD
+    if not nuclear.any():
+        return 0.0
+    g = {s: ndimage.gaussian_filter(od, s * scale) for s in (0.5, 0.8, 1.6)}
+    fine = ((g[0.5] - g[0.8]) ** 2)[nuclear].mean()
+    mid = ((g[0.8] - g[1.6]) ** 2)[nuclear].mean()
+    return float(np.log((fine + 1e-12) / (mid + 1e-12)))
 
 
 def cord_alignment(rgb: np.ndarray, um_per_px: float) -> float:

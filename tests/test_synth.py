@@ -19,7 +19,7 @@ from analysis.synth import (
     write_cohort,
     write_synthetic_slide,
 )
-from analysis.synthcheck import colour_od_stats, cord_alignment
+from analysis.synthcheck import colour_od_stats, cord_alignment, cord_fineness
 from analysis.tiffio import area_downsample
 
 SIZE = 3000
@@ -152,25 +152,26 @@ def test_plain_5x_colour_and_od_statistics_do_not_separate_the_classes(cohort):
     rows, labels, groups = cohort
     stats_5x = np.stack([colour_od_stats(_downsample(r, 4)) for _, _, r in rows])
     assert _loo_auc(stats_5x, labels, groups) <= 0.7
-    # the per-slide number that used to give AUC 1.000: mean red OD of nuclear pixels at 5x;
-    # paired by seed (same nuclei, only the lesion morphology differs) it must not move
+    # the per-slide number that used to give AUC 1.000 (a -0.115 shift): mean red OD of nuclear
+    # pixels at 5x. Paired by seed (same nuclei, only the lesion morphology differs) it moves by
+    # ~0.002 (finer cords leave a slightly different 5x spread), under the natural spread.
     red = stats_5x[:, 0].reshape(-1, 2)  # (seed, label)
     shift = red[:, 1] - red[:, 0]
-    assert abs(shift.mean()) < max(3 * shift.std() / np.sqrt(len(shift)), 1e-3)
-    assert abs(shift.mean()) < 0.2 * red[:, 0].std()
+    assert abs(shift.mean()) < 0.005
+    assert abs(shift.mean()) < red[:, 0].std()
 
 
 def test_20x_features_separate_the_classes_and_10x_keeps_less_of_it(cohort):
     rows, labels, groups = cohort
     by_scale = {
-        factor: np.array([cord_alignment(_downsample(r, factor), 0.5 * factor) for _, _, r in rows])
+        factor: np.array([cord_fineness(_downsample(r, factor), 0.5 * factor) for _, _, r in rows])
         for factor in (1, 2, 4)
     }
     assert _loo_auc(by_scale[1][:, None], labels, groups) >= 0.95
     gap = {f: v[labels == 1].mean() - v[labels == 0].mean() for f, v in by_scale.items()}
-    assert gap[1] > 0.1
+    assert gap[1] > 0.5  # lesion cords are finer
     assert abs(gap[2]) < 0.5 * gap[1]  # degraded at 10x
-    assert abs(gap[4]) < 0.1 * gap[1]  # gone at 5x
+    assert abs(gap[4]) < 0.01 * gap[1]  # gone at 5x
 
 
 def test_morphology_strength_tunes_the_20x_signal():
@@ -178,10 +179,31 @@ def test_morphology_strength_tunes_the_20x_signal():
     for strength in (0.0, 0.5, 1.0):
         values = {0: [], 1: []}
         for _, label, region in _cohort_regions(2, 512, strength):
-            values[label].append(cord_alignment(region, 0.5))
+            values[label].append(cord_fineness(region, 0.5))
         gaps.append(np.mean(values[1]) - np.mean(values[0]))
     assert gaps[0] == pytest.approx(0.0, abs=1e-9)
-    assert 0.02 < gaps[1] < gaps[2]
+    assert 0.1 < gaps[1] < gaps[2]
+
+
+def test_the_alignment_cue_keeps_period_and_turns_lesion_cords_to_the_nucleus_axis():
+    design = SynthDesign(tissue_fraction=0.97, cue="alignment")
+    values = {0: [], 1: []}
+    for seed in range(2):
+        for label in (0, 1):
+            model = SlideModel(
+                768, 768, seed=100 + seed, label=label, mpp=0.5, lesion_fraction=1.0,
+                morphology_strength=1.0, design=design,
+            )  # fmt: skip
+            region = model.render(128, 128, 512, 512)
+            values[label].append((cord_alignment(region, 0.5), cord_fineness(region, 0.5)))
+    normal, lesion = np.mean(values[0], axis=0), np.mean(values[1], axis=0)
+    assert lesion[0] - normal[0] > 0.1  # aligned
+    assert abs(lesion[1] - normal[1]) < 0.1  # same period
+    with pytest.raises(ValueError, match="unknown cue"):
+        SlideModel(
+            256, 256, seed=1, label=1, mpp=0.5, lesion_fraction=1.0, morphology_strength=1.0,
+            design=SynthDesign(tissue_fraction=0.97, cue="colour"),
+        ).render(0, 0, 256, 256)  # fmt: skip
 
 
 def test_classes_match_in_colour_at_5x(slides):
