@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,12 +379,13 @@ def _finish(
 
 def predict_slides(
     bundle: LoadedBundle,
-    slide_paths: list[str | Path],
+    slide_paths: Sequence[str | Path],
     *,
     mpp: float | None = None,
     min_tissue: float = 0.25,
     batch_size: int | None = None,
     workers: int | None = None,
+    progress: ProgressCallback | None = None,
     clusters: bool = True,
 ) -> list[SlidePrediction]:
     """Analyse several slides together: one prediction per slide, in order, as ``predict_slide``.
@@ -393,7 +394,9 @@ def predict_slides(
     an accelerator stays busy across the small bags of 5x slides (the tail batch of one slide
     is filled with the next slide's patches). Each patch's embedding does not depend on its
     batch-mates, so every prediction matches ``predict_slide`` on that slide alone. Bad input
-    in any slide raises its ``AnalysisError`` before anything is encoded.
+    in any slide raises its ``AnalysisError`` before anything is encoded. ``progress`` hears
+    the batch: open, tissue and mil once per slide, features as the share of all the slides'
+    patches encoded.
     """
     from contextlib import ExitStack
 
@@ -405,7 +408,7 @@ def predict_slides(
     default_batch, default_workers = reading_defaults(str(bundle.encoder.device))
     batch_size = batch_size or default_batch
     workers = workers or default_workers
-    clocks = [_StageClock(None) for _ in slide_paths]
+    clocks = [_StageClock(progress) for _ in slide_paths]
     with ExitStack() as stack:
         slides, grids = [], []
         for path, clock in zip(slide_paths, clocks, strict=True):
@@ -415,8 +418,17 @@ def predict_slides(
                 grids.append(patch_grid(slide, patch_um=manifest.patch_um, min_tissue=min_tissue))
                 slide.level_for_magnification(magnification)
             slides.append(slide)
+        n_cells = sum(len(grid.l0_xy) for grid in grids)
+
+        def on_batch(done: int) -> None:
+            if progress:
+                progress("features", done / n_cells)
+
         start = time.perf_counter()
-        features = _encode_shared(bundle, slides, grids, magnification, batch_size, workers)
+        on_batch(0)
+        features = _encode_shared(
+            bundle, slides, grids, magnification, batch_size, workers, on_batch
+        )
         shared = round(time.perf_counter() - start, 4)
         slide_mpps = [float(slide.mpp) for slide in slides]
     out = []
@@ -435,8 +447,10 @@ def _encode_shared(
     magnification: float,
     batch_size: int,
     workers: int,
+    on_batch: Callable[[int], None],
 ) -> list[np.ndarray]:
-    """(N_i, D) embeddings of every slide's grid, encoded in batches that span slides."""
+    """(N_i, D) embeddings of every slide's grid, encoded in batches that span slides;
+    ``on_batch`` hears how many patches are encoded so far."""
     import contextlib
 
     from analysis.features import _prefetch
@@ -452,15 +466,18 @@ def _encode_shared(
                 yield k, indices, batch
 
     pending: list[tuple[int, np.ndarray, np.ndarray]] = []
-    held = 0
+    held = done = 0
 
     def encode() -> None:
         embedded = encoder.embed(np.concatenate([batch for _, _, batch in pending]))  # (B, D)
+        nonlocal done
         offset = 0
         for k, indices, _ in pending:
             features[k][indices] = embedded[offset : offset + len(indices)]
             offset += len(indices)
         pending.clear()
+        done += offset
+        on_batch(done)
 
     with contextlib.closing(_prefetch(patches(), depth=2)) as prefetched:
         for k, indices, batch in prefetched:

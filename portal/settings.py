@@ -230,6 +230,12 @@ LOWMAG_TORCH_THREADS = env_int("LOWMAG_TORCH_THREADS", 0)
 LOWMAG_DEVICE = env_str("LOWMAG_DEVICE", "")
 # A worker child loads the active models when it starts (set for the gpu queue's workers).
 LOWMAG_PRELOAD_MODELS = env_bool("LOWMAG_PRELOAD_MODELS", False)
+# Slides one analysis task may take together for one model (the waiting ones, claimed under a
+# lease and encoded in shared batches); 1 analyses each slide in its own task.
+LOWMAG_GPU_BATCH_SLIDES = env_int("LOWMAG_GPU_BATCH_SLIDES", 4, minimum=1)
+# How long a claimed job stays with its worker without a progress report (each one renews it);
+# past it, the job's own message runs it again (the worker is presumed dead).
+LOWMAG_CLAIM_LEASE_S = env_int("LOWMAG_CLAIM_LEASE_S", 120, minimum=5)
 LOWMAG_MAX_UPLOAD_BYTES = env_int("LOWMAG_MAX_UPLOAD_BYTES", 20 * 1024**3)
 
 # Webhook receivers on internal addresses, allowed on purpose (host names, IPs, networks).

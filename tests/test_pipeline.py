@@ -208,8 +208,11 @@ def test_predict_slides_encodes_across_slides_and_matches_one_slide_at_a_time(lo
         return embed(patches)
 
     loaded.encoder.embed = counting
+    heard: list[tuple[str, float]] = []
     try:
-        batched = predict_slides(loaded, [slide, slide], batch_size=48)
+        batched = predict_slides(
+            loaded, [slide, slide], batch_size=48, progress=lambda *report: heard.append(report)
+        )
         mixed = predict_slides(loaded, [slide], min_tissue=0.6, batch_size=48)
     finally:
         del loaded.encoder.embed
@@ -224,5 +227,12 @@ def test_predict_slides_encodes_across_slides_and_matches_one_slide_at_a_time(lo
         np.testing.assert_allclose(many.instance_scores, one.instance_scores, atol=1e-4)
         np.testing.assert_array_equal(many.grid.l0_xy, one.grid.l0_xy)
         assert set(many.timings) == set(one.timings)
+    assert [stage for stage, done in heard if done == 1.0] == [
+        *["open", "tissue"] * 2,
+        "features",
+        *["mil", "clusters"] * 2,
+    ]
+    encoded = [done for stage, done in heard if stage == "features"]
+    assert encoded == sorted(encoded) and encoded[0] == 0.0 and encoded[-1] == 1.0
     with pytest.raises(AnalysisError):
         predict_slides(loaded, [slide, tmp_path / "missing.svs"])

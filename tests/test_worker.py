@@ -155,6 +155,7 @@ def stack(tmp_path, settings):
         "REDIS_URL": redis.url,
         "LOWMAG_DATA_DIR": str(tmp_path / "data"),
         "LOWMAG_VISIBILITY_TIMEOUT": "4",
+        "LOWMAG_CLAIM_LEASE_S": "10",  # a killed worker's claim runs out within the test
         "LOWMAG_TORCH_THREADS": "1",
         "OMP_WAIT_POLICY": "PASSIVE",
     }

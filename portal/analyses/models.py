@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import numpy as np
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
+from django.db.models import F, Q
 from django.utils import timezone
 
 
@@ -84,6 +87,10 @@ class AnalysisJob(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The worker run that took the job (host:pid:run) and until when no other run may take it
+    # (``claim``): a worker that dies leaves its jobs to whoever comes after the lease.
+    claimed_by = models.CharField(max_length=100, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -94,7 +101,62 @@ class AnalysisJob(models.Model):
     def requeue(self) -> None:
         """A failed or cancelled job asked for again starts afresh."""
         self.state, self.error, self.progress, self.stage = self.State.QUEUED.value, "", 0.0, ""
-        self.save(update_fields=["state", "error", "progress", "stage"])
+        self.lease_expires_at = None
+        self.save(update_fields=["state", "error", "progress", "stage", "lease_expires_at"])
+
+    def claim(self, holder: str, lease_s: float) -> bool:
+        """-> running, held by ``holder`` for ``lease_s``; False when the job has ended or
+        another run holds it under a lease that has not run out."""
+        now = timezone.now()
+        takeable = ~Q(state=self.State.RUNNING) | Q(lease_expires_at__isnull=True)
+        takeable |= Q(lease_expires_at__lte=now)
+        rows = AnalysisJob.objects.filter(takeable, pk=self.pk).exclude(state__in=self.FINAL)
+        return bool(rows.update(**self._claimed(holder, lease_s, now)))
+
+    @classmethod
+    def claim_waiting(
+        cls, model_version: ModelVersion, holder: str, *, limit: int, lease_s: float
+    ) -> list[AnalysisJob]:
+        """Up to ``limit`` queued jobs of this model, oldest first -> running, held by
+        ``holder``. Race-free: rows another run is claiming are skipped (row locks on
+        PostgreSQL, one writer at a time on SQLite), and only rows still queued are taken."""
+        if limit < 1:
+            return []
+        queued = cls.objects.filter(model_version=model_version, state=cls.State.QUEUED)
+        with transaction.atomic():
+            pks = list(
+                queued.order_by("created_at", "id")
+                .select_for_update(skip_locked=True)
+                .values_list("pk", flat=True)[:limit]
+            )
+            queued.filter(pk__in=pks).update(**cls._claimed(holder, lease_s, timezone.now()))
+        held = cls.objects.filter(pk__in=pks, claimed_by=holder, state=cls.State.RUNNING)
+        return list(held.select_related("slide__case__cohort", "model_version").order_by("id"))
+
+    @classmethod
+    def renew(cls, pks: list[int], holder: str, lease_s: float) -> None:
+        """Extend the lease of the jobs ``holder`` still holds (it is alive and working)."""
+        cls.objects.filter(pk__in=pks, claimed_by=holder, state=cls.State.RUNNING).update(
+            lease_expires_at=timezone.now() + timedelta(seconds=lease_s)
+        )
+
+    @classmethod
+    def release(cls, pks: list[int], holder: str) -> None:
+        """Jobs ``holder`` still runs -> queued, free for any run (a run that stopped early)."""
+        cls.objects.filter(pk__in=pks, claimed_by=holder, state=cls.State.RUNNING).update(
+            state=cls.State.QUEUED, lease_expires_at=None
+        )
+
+    @classmethod
+    def _claimed(cls, holder: str, lease_s: float, now) -> dict:
+        return {
+            "state": cls.State.RUNNING,
+            "claimed_by": holder,
+            "lease_expires_at": now + timedelta(seconds=lease_s),
+            "started_at": now,
+            "attempts": F("attempts") + 1,
+            "error": "",
+        }
 
     def cancel(self) -> bool:
         """queued/running -> cancelled; False when the job had already ended."""
@@ -104,11 +166,6 @@ class AnalysisJob(models.Model):
         if updated:
             self.state = self.State.CANCELLED.value
         return bool(updated)
-
-    def is_cancelled(self) -> bool:
-        """Read afresh from the database: another process may have cancelled the job."""
-        state = AnalysisJob.objects.filter(pk=self.pk).values_list("state", flat=True).first()
-        return state == self.State.CANCELLED
 
     @staticmethod
     def key_for(slide_sha256: str, model_sha256: str, slide_id: int | None = None) -> str:

@@ -3,14 +3,22 @@
 Idempotency: a job is keyed by (slide SHA-256, model SHA-256) and a Prediction is unique per
 (slide, model version), so a retried or re-delivered task finds the earlier result instead
 of creating a second one. Tasks are ``acks_late``: a worker killed mid-analysis leaves the
-message on the broker and another worker runs the job again from the start.
+message on the broker and another worker runs the job again from the start, once the claim
+the dead worker held has run out (``AnalysisJob.claim``: a lease that progress renews).
+
+An analysis task also takes the other slides waiting for its model (``LOWMAG_GPU_BATCH_SLIDES``):
+it claims them, encodes them in shared batches and finishes each job on its own.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 from celery import shared_task
@@ -22,6 +30,9 @@ from portal.analyses import progress as live
 from portal.analyses.models import AnalysisJob, ModelVersion, Prediction
 from portal.core.dispatch import dispatch
 from portal.core.metrics import publish_worker_memory
+
+if TYPE_CHECKING:
+    from analysis.pipeline import SlidePrediction
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +134,23 @@ def request_analysis(slide, model_version: ModelVersion | None = None) -> Analys
 
 
 class _ProgressReporter:
-    """Writes stage/progress to the job row (throttled) and pushes it over Channels."""
+    """Writes stage/progress to the jobs' rows (throttled) and pushes it over Channels.
 
-    def __init__(self, job: AnalysisJob, min_interval_s: float = 0.5):
-        self.job = job
+    A job cancelled meanwhile drops out (its id joins ``cancelled``) and the others go on;
+    when none is left, ``JobCancelled`` stops the analysis. Each report renews the lease of
+    the jobs ``holder`` claimed: a lease runs out only when its worker has gone quiet.
+    """
+
+    def __init__(
+        self,
+        *jobs: AnalysisJob,
+        holder: str = "",
+        lease_s: float = 0.0,
+        min_interval_s: float = 0.5,
+    ):
+        self.live = [job.pk for job in jobs]
+        self.cancelled: set[int] = set()
+        self.holder, self.lease_s = holder, lease_s
         self.min_interval_s = min_interval_s
         self._last = 0.0
 
@@ -135,12 +159,18 @@ class _ProgressReporter:
         if fraction not in (0.0, 1.0) and now - self._last < self.min_interval_s:
             return
         self._last = now
-        if self.job.is_cancelled():
+        cancelled = AnalysisJob.objects.filter(pk__in=self.live, state=AnalysisJob.State.CANCELLED)
+        self.cancelled.update(cancelled.values_list("pk", flat=True))
+        self.live = [pk for pk in self.live if pk not in self.cancelled]
+        if not self.live:
             raise JobCancelled()
-        AnalysisJob.objects.filter(pk=self.job.pk).update(stage=stage, progress=fraction)
-        live.job_update(
-            self.job.pk, {"state": AnalysisJob.State.RUNNING, "stage": stage, "progress": fraction}
-        )
+        AnalysisJob.objects.filter(pk__in=self.live).update(stage=stage, progress=fraction)
+        if self.holder:
+            AnalysisJob.renew(self.live, self.holder, self.lease_s)
+        for pk in self.live:
+            live.job_update(
+                pk, {"state": AnalysisJob.State.RUNNING, "stage": stage, "progress": fraction}
+            )
 
 
 def _store_prediction(job: AnalysisJob, result) -> Prediction:
@@ -193,45 +223,121 @@ def _finish(job: AnalysisJob, **fields) -> None:
     max_retries=4,
 )
 def run_analysis(self, job_id: int) -> str:
-    from analysis.pipeline import predict_slide
-
+    """Analyse the job's slide, together with up to ``LOWMAG_GPU_BATCH_SLIDES - 1`` other
+    slides queued for the same model, claimed under a lease (their own messages then find
+    them done, or run them when the lease ran out)."""
     job = AnalysisJob.objects.select_related("slide__case__cohort", "model_version").get(pk=job_id)
     if job.state in AnalysisJob.FINAL:
         return job.state
-    existing = Prediction.objects.filter(slide=job.slide, model_version=job.model_version).first()
-    if existing is not None:
+    if Prediction.objects.filter(slide=job.slide, model_version=job.model_version).exists():
         _finish(job, state=AnalysisJob.State.SUCCEEDED, progress=1.0, stage="done")
         return AnalysisJob.State.SUCCEEDED
-    AnalysisJob.objects.filter(pk=job.pk).update(
-        state=AnalysisJob.State.RUNNING,
-        started_at=timezone.now(),
-        attempts=job.attempts + 1,
-        error="",
+    holder, lease_s = _holder(), _setting("LOWMAG_CLAIM_LEASE_S")
+    if not job.claim(holder, lease_s):
+        return _left_to_its_holder(job)
+    jobs = [job] + AnalysisJob.claim_waiting(
+        job.model_version, holder, limit=_setting("LOWMAG_GPU_BATCH_SLIDES") - 1, lease_s=lease_s
     )
     try:
-        bundle = loaded_bundle(job.model_version)
-        result = predict_slide(
-            bundle, job.slide.path, progress=_ProgressReporter(job), clusters=False
-        )
-    except JobCancelled:
-        _finish(job, state=AnalysisJob.State.CANCELLED, stage="cancelled")
-        return AnalysisJob.State.CANCELLED
-    except AnalysisError as exc:
-        _finish(job, state=AnalysisJob.State.FAILED, error=str(exc))
-        _case_after_job(job)
-        return AnalysisJob.State.FAILED
+        outcomes = _analyse(jobs, holder, lease_s)
     except (OSError, ConnectionError) as exc:
+        AnalysisJob.release([claimed.pk for claimed in jobs], holder)
         AnalysisJob.objects.filter(pk=job.pk).update(error=f"retrying: {exc}")
         raise TransientJobError(str(exc)) from exc
-    prediction = _store_prediction(job, result)
+    except BaseException:
+        AnalysisJob.release([claimed.pk for claimed in jobs], holder)
+        raise
+    predictions = [
+        _conclude(claimed, outcome) for claimed, outcome in zip(jobs, outcomes, strict=True)
+    ]
+    for claimed, outcome, prediction in zip(jobs, outcomes, predictions, strict=True):
+        if prediction is not None:  # a research layer: after every result is out
+            _store_clusters(claimed, prediction, outcome)
+    publish_worker_memory()
+    return AnalysisJob.objects.values_list("state", flat=True).get(pk=job.pk)
+
+
+def _setting(name: str) -> int:
+    from django.conf import settings
+
+    return int(getattr(settings, name))
+
+
+def _holder() -> str:
+    """This run of the task, as a job's ``claimed_by`` records it: host:pid:run."""
+    return f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def _left_to_its_holder(job: AnalysisJob) -> str:
+    """Another run holds the job: it finishes it. Under Celery this message comes back when the
+    lease ends, in case that run died; in-process runners have one worker thread, so the
+    holder finishes (or releases) the job before this message runs."""
+    from portal.core.dispatch import task_mode
+
+    job.refresh_from_db(fields=["state", "lease_expires_at"])
+    if job.state not in AnalysisJob.FINAL and task_mode() == "celery":
+        lease_end = job.lease_expires_at or timezone.now()  # none: released a moment ago
+        wait_s = (lease_end - timezone.now()).total_seconds()
+        run_analysis.apply_async((job.pk,), countdown=max(1, int(wait_s) + 1))
+    return job.state
+
+
+Outcome: TypeAlias = "SlidePrediction | AnalysisError | JobCancelled"
+
+
+def _analyse(jobs: list[AnalysisJob], holder: str, lease_s: float) -> list[Outcome]:
+    """Each claimed job's prediction, refusal or cancellation. Several slides share one pass
+    (``predict_slides``); when one of them is refused, they run one by one, so that only
+    that slide's job fails."""
+    from analysis import pipeline
+
+    try:
+        bundle = loaded_bundle(jobs[0].model_version)
+    except AnalysisError as exc:
+        return [exc for _ in jobs]
+    if len(jobs) == 1:
+        return [_analyse_one(bundle, jobs[0], holder, lease_s)]
+    reporter = _ProgressReporter(*jobs, holder=holder, lease_s=lease_s)
+    paths = [job.slide.path for job in jobs]
+    try:
+        results = pipeline.predict_slides(bundle, paths, progress=reporter, clusters=False)
+    except JobCancelled as exc:
+        return [exc for _ in jobs]
+    except AnalysisError as exc:
+        log.info("a slide of a batch was refused (%s); analysing them one by one", exc)
+        return [_analyse_one(bundle, job, holder, lease_s) for job in jobs]
+    return [
+        JobCancelled() if job.pk in reporter.cancelled else result
+        for job, result in zip(jobs, results, strict=True)
+    ]
+
+
+def _analyse_one(bundle, job: AnalysisJob, holder: str, lease_s: float) -> Outcome:
+    from analysis import pipeline
+
+    reporter = _ProgressReporter(job, holder=holder, lease_s=lease_s)
+    try:
+        return pipeline.predict_slide(bundle, job.slide.path, progress=reporter, clusters=False)
+    except (AnalysisError, JobCancelled) as exc:
+        return exc
+
+
+def _conclude(job: AnalysisJob, outcome: Outcome) -> Prediction | None:
+    """Finish one job from what its analysis gave; the stored prediction when there is one."""
+    if isinstance(outcome, JobCancelled):
+        _finish(job, state=AnalysisJob.State.CANCELLED, stage="cancelled")
+        return None
+    if isinstance(outcome, AnalysisError):
+        _finish(job, state=AnalysisJob.State.FAILED, error=str(outcome))
+        _case_after_job(job)
+        return None
+    prediction = _store_prediction(job, outcome)
     _finish(
-        job, state=AnalysisJob.State.SUCCEEDED, progress=1.0, stage="done", timings=result.timings
+        job, state=AnalysisJob.State.SUCCEEDED, progress=1.0, stage="done", timings=outcome.timings
     )
     _case_after_job(job)
     _announce_prediction(job, prediction)
-    _store_clusters(job, prediction, result)  # a research layer: after the result is out
-    publish_worker_memory()
-    return AnalysisJob.State.SUCCEEDED
+    return prediction
 
 
 def _store_clusters(job: AnalysisJob, prediction: Prediction, result) -> None:

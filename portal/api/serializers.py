@@ -163,7 +163,7 @@ class ActivateModelSerializer(serializers.Serializer):
 class AnalysisJobSerializer(serializers.ModelSerializer):
     class Meta:
         model = AnalysisJob
-        fields = "__all__"
+        exclude = ["claimed_by", "lease_expires_at"]  # which worker holds it: internal
         read_only_fields = [f.name for f in AnalysisJob._meta.fields]
 
     def to_representation(self, job: AnalysisJob) -> dict:
