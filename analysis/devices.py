@@ -70,6 +70,25 @@ def synchronize(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
+# How allocators other than CUDA's caching allocator report running out (CPU, MPS, cuBLAS).
+OUT_OF_MEMORY_MARKERS = (
+    "out of memory",
+    "can't allocate memory",
+    "not enough memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a device (or host) running out of memory, whatever the device."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and any(m in message for m in OUT_OF_MEMORY_MARKERS)
+
+
 def release_cached_memory(device: Any) -> None:
     """Give the allocator's cached blocks back after an out-of-memory, before a retry."""
     import torch

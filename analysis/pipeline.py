@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,39 +184,41 @@ def _kmeans_torch(
 def _on_device(mil: Any, features: np.ndarray, grid_rc: np.ndarray, forward: Callable) -> Any:
     """``forward(feats, coords)`` with the bag on the model's device, under inference mode.
 
-    When the device runs out of memory the bag is run again with chunked global attention
-    (``analysis.mil.bag.low_memory_attention``, the same result); a bag too big even then
-    fails with an ``AnalysisError`` naming its size.
+    The one out-of-memory policy for every MIL model and the class-evidence path: when the
+    device runs out of memory the bag runs once more in low-memory mode
+    (``analysis.mil.bag.low_memory``: every model computes the same result in chunks); a bag
+    too big even then fails with an ``AnalysisError`` naming its size, the model and the device.
+    Two tries at most, so a bag that does not fit never loops.
     """
     import torch
 
-    from analysis.devices import module_device, release_cached_memory
-    from analysis.mil.bag import low_memory_attention
+    from analysis.devices import is_out_of_memory, module_device, release_cached_memory
+    from analysis.mil.bag import low_memory
 
     device = module_device(mil)
     n, dim = (int(v) for v in np.shape(features))
     with torch.inference_mode():
         feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
         coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64)).to(device)
-        try:
+        reason = ""
+        for chunked in (False, True):
             try:
-                return forward(feats, coords)
-            except torch.OutOfMemoryError:
-                # Retry once with global attention in small query chunks: the same result,
-                # with a peak that no longer grows with the attention kernel's workspace.
-                release_cached_memory(device)
-                with low_memory_attention():
+                with low_memory() if chunked else nullcontext():
                     return forward(feats, coords)
-        except torch.OutOfMemoryError as exc:
-            del feats, coords
+            except RuntimeError as exc:  # torch.OutOfMemoryError is one
+                if not is_out_of_memory(exc):
+                    raise
+                reason = str(exc).splitlines()[0][:160]
+            # Out of the except block the failed try's tensors are garbage: the cache can go.
             release_cached_memory(device)
-            raise AnalysisError(
-                f"the slide's bag of {n} patches x {dim} features does not fit in the memory of "
-                f"{device} for {type(mil).__name__}, even with chunked attention "
-                f"({str(exc).splitlines()[0][:160]}); run it on "
-                "a device with more memory (LOWMAG_DEVICE) or analyse fewer patches "
-                "(a higher min_tissue)"
-            ) from None
+        del feats, coords
+        release_cached_memory(device)
+    raise AnalysisError(
+        f"{type(mil).__name__} on {device} ran out of memory on the slide's bag of {n} patches "
+        f"x {dim} features, even chunked ({reason}); run it on a device with more memory "
+        "(--device or LOWMAG_DEVICE), or analyse fewer patches (a higher --min-tissue; the "
+        "patch grid, and so the bag, is the same size at every magnification)"
+    )
 
 
 def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

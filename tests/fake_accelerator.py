@@ -116,3 +116,51 @@ def limit_attention_memory(monkeypatch, max_scores: int) -> list[int]:
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", limited)
     return ran
+
+
+class MemoryLimit:
+    """What ``limit_memory`` saw: the size of every tensor op that ran, and how many it refused."""
+
+    def __init__(self, max_values: int) -> None:
+        self.max_values = max_values
+        self.ran: list[int] = []
+        self.refused = 0
+
+    def check(self, values: int, what: str) -> None:
+        if values > self.max_values:
+            self.refused += 1
+            raise out_of_memory(f"{values} values for {what}")
+        self.ran.append(values)
+
+
+def limit_memory(monkeypatch, max_values: int) -> MemoryLimit:
+    """A device where any linear layer, convolution or attention whose result (for attention:
+    whose score matrix) holds more than ``max_values`` values runs out of memory, as CUDA does.
+
+    Every MIL model's large tensors come from these three ops, so a model that bounds its peak
+    memory on a huge bag runs here in pieces, and one that does not raises
+    ``torch.OutOfMemoryError``.
+    """
+    import torch.nn.functional as F
+
+    limit = MemoryLimit(max_values)
+    real_linear, real_conv2d = F.linear, F.conv2d
+    real_attention = F.scaled_dot_product_attention
+
+    def linear(x, weight, *args, **kwargs):
+        limit.check(x.shape[:-1].numel() * weight.shape[0], "a linear layer")
+        return real_linear(x, weight, *args, **kwargs)
+
+    def conv2d(x, weight, *args, **kwargs):
+        out = real_conv2d(x, weight, *args, **kwargs)
+        limit.check(out.numel(), "a convolution")
+        return out
+
+    def attention(q, k, v, *args, **kwargs):
+        limit.check(q.shape[:-1].numel() * k.shape[-2], "attention scores")
+        return real_attention(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "linear", linear)
+    monkeypatch.setattr(F, "conv2d", conv2d)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", attention)
+    return limit

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from analysis.heatmap import evidence_display, normalise_scores
-from analysis.mil import build_mil
+from analysis.mil import bag, build_mil
 from analysis.mil.evidence import evidence_target
 from analysis.pipeline import run_mil_evidence
+from tests.fake_accelerator import limit_memory
 
 DIM = 16
 SIDE = 8  # bags are SIDE x SIDE grids
@@ -118,3 +119,21 @@ def test_evidence_display_uses_a_fixed_scale_and_hides_counter_evidence():
     assert np.isnan(shown[:2]).all()
     assert shown[2] == pytest.approx(np.tanh(1.0))
     assert 0.99 < shown[3] <= 1.0
+
+
+def test_evidence_under_the_out_of_memory_fallback_equals_the_normal_path(trained, monkeypatch):
+    """A device too small for the bag: the chunked retry gives the same call, attention and
+    evidence (``tests.fake_accelerator.limit_memory`` refuses any op above 512 values)."""
+    features, grid_rc, _ = _bag(np.random.default_rng(7), 1)
+    expected = run_mil_evidence(trained, features, grid_rc, CLASSES)
+
+    limit = limit_memory(monkeypatch, 512)
+    monkeypatch.setattr(bag, "LOW_MEMORY_CHUNK_ELEMENTS", 512)
+    probabilities, attention, evidence, target = run_mil_evidence(
+        trained, features, grid_rc, CLASSES
+    )
+    assert limit.refused == 1 and max(limit.ran) <= 512
+    assert target == expected[3]
+    np.testing.assert_allclose(probabilities, expected[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(attention, expected[1], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(evidence, expected[2], rtol=1e-4, atol=1e-5)

@@ -1,14 +1,22 @@
-"""What every MIL model shares: one bag in, logits out, and linear-memory global attention.
+"""What every MIL model shares: one bag in, logits out, linear-memory global attention, and the
+low-memory mode a caller retries a bag in after the device ran out of memory.
 
 GLTrans and the baselines (ABMIL, CLAM-SB, TransMIL) import these; none imports another model.
+In low-memory mode (``low_memory()``) every step of a model whose memory grows with the bag runs
+in pieces of at most ``LOW_MEMORY_CHUNK_ELEMENTS`` values: per-instance layers in row chunks
+(``by_rows``), depth-wise convolutions in channel chunks (``channel_chunks``), attention in query
+chunks, attention pooling with a running max and sum. Each piece is computed exactly as the whole
+would be, so the result equals the one-piece result within float rounding. What stays is linear
+in the bag: a few (N, D) tensors.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SMALL_BAG = 2048  # below this many tokens an N x N matrix is harmless: any SDPA kernel will do
 CHUNK_ELEMENTS = 1 << 25  # fallback: query chunk sized so one chunk's scores hold ~32M floats
-LOW_MEMORY_CHUNK_ELEMENTS = 1 << 22  # low-memory mode: ~4M scores (16 MB fp32) per chunk
-_LOW_MEMORY: ContextVar[bool] = ContextVar("low_memory_attention", default=False)
+LOW_MEMORY_CHUNK_ELEMENTS = 1 << 22  # low-memory mode: ~4M values (16 MB fp32) per chunk
+_LOW_MEMORY: ContextVar[bool] = ContextVar("low_memory", default=False)
 LINEAR_MEMORY_KERNELS = [
     SDPBackend.FLASH_ATTENTION,
     SDPBackend.EFFICIENT_ATTENTION,
@@ -56,22 +64,63 @@ def bag_output(logits: Tensor, batched: bool) -> Tensor:
     return logits.unsqueeze(0) if batched else logits
 
 
-# --- attention --------------------------------------------------------------------------
+# --- low-memory mode ----------------------------------------------------------------------
 
 
 @contextmanager
-def low_memory_attention() -> Iterator[None]:
-    """Within it, every global attention runs as math-path attention over small query chunks.
+def low_memory() -> Iterator[None]:
+    """Within it, every MIL model computes a bag in chunks (see the module docstring).
 
-    The result is the same softmax attention (each query row is computed on its own), with a
-    peak of ``LOW_MEMORY_CHUNK_ELEMENTS`` scores whatever the kernel or bag size: what a caller
-    retries with after the device ran out of memory.
+    The result is the same; the peak is a few (N, D) tensors plus ``LOW_MEMORY_CHUNK_ELEMENTS``
+    values per step, whatever the kernel or bag size: what a caller retries with after the
+    device ran out of memory (``analysis.pipeline``).
     """
     token = _LOW_MEMORY.set(True)
     try:
         yield
     finally:
         _LOW_MEMORY.reset(token)
+
+
+def _chunks(length: int, per_item: int) -> list[slice]:
+    if not _LOW_MEMORY.get():
+        return [slice(0, length)]
+    size = max(1, LOW_MEMORY_CHUNK_ELEMENTS // max(1, per_item))
+    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def row_chunks(n_rows: int, width: int) -> list[slice]:
+    """Rows of an (N, width) result to compute at once: all of them, or chunks in low memory."""
+    return _chunks(n_rows, width)
+
+
+def channel_chunks(channels: int, plane: int) -> list[slice]:
+    """Channels of a (C, H, W) depth-wise convolution to compute at once (plane = H * W)."""
+    return _chunks(channels, plane)
+
+
+def by_rows(step: Callable[[Tensor], Tensor], x: Tensor, width: int) -> Tensor:
+    """``step(x)`` for a step acting on each row alone (Linear, LayerNorm, an MLP), (N, *) ->
+    (N, width): in one call, or in row chunks in low-memory mode."""
+    parts = [step(x[rows]) for rows in row_chunks(x.shape[0], width)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def depthwise_sum(convs: nn.ModuleList, x: Tensor, channels: slice) -> Tensor:
+    """Sum of depth-wise ``convs`` over ``x`` (1, c, H, W), holding channels ``channels`` of
+    their input: each channel is convolved alone, so a slice gives that slice of the whole."""
+    total: Tensor | None = None
+    for conv in cast(Iterable[nn.Conv2d], convs):
+        bias = None if conv.bias is None else conv.bias[channels]
+        out = F.conv2d(
+            x, conv.weight[channels], bias, conv.stride, conv.padding, conv.dilation, x.shape[1]
+        )  # (1, c, H, W)
+        total = out if total is None else total + out
+    assert total is not None
+    return total
+
+
+# --- attention --------------------------------------------------------------------------
 
 
 def linear_memory_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -115,7 +164,7 @@ class GlobalAttention(nn.Module):
     def forward(self, x: Tensor, cls_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         length, dim = x.shape  # (L, D), token 0 is CLS
         head_dim = dim // self.n_heads
-        qkv = self.qkv(x).view(length, 3, self.n_heads, head_dim)
+        qkv = by_rows(self.qkv, x, 3 * dim).view(length, 3, self.n_heads, head_dim)
         q, k, v = qkv.permute(1, 2, 0, 3).contiguous().unbind(0)  # each (H, L, hd)
         out = linear_memory_attention(q[None], k[None], v[None])[0]  # (H, L, hd)
         out = out.transpose(0, 1).reshape(length, dim)  # (L, D)
@@ -124,4 +173,4 @@ class GlobalAttention(nn.Module):
             # The CLS row alone, with an explicit softmax: (H, 1, L), cheap for any L.
             scores = q[:, :1] @ k.transpose(-1, -2) * head_dim**-0.5
             weights = scores.softmax(dim=-1)
-        return self.drop(self.proj(out)), weights
+        return self.drop(by_rows(self.proj, out, dim)), weights

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from analysis.mil.abmil import GatedAttention
+from analysis.mil.abmil import GatedAttention, attention_pool
 from analysis.mil.bag import as_bag, bag_output
 from analysis.mil.evidence import contrast
 
@@ -69,17 +69,19 @@ class CLAMSB(nn.Module):
 
     def forward(self, features: Tensor, coords: Tensor | None = None) -> tuple[Tensor, Tensor]:
         features, _, batched = as_bag(features, coords)
-        _, weights, logits = self._attend(features)
-        return bag_output(logits, batched), weights
+        pooled = attention_pool(self.embed, self.attention, self.head, features)
+        return bag_output(self.head(pooled.pooled), batched), pooled.weights  # (C,), (N,)
 
     def instance_evidence(
         self, features: Tensor, coords: Tensor | None = None, target: int | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(C,) logits, (N,) attention and (N,) class evidence (``analysis.mil.evidence``)."""
         features, _, _ = as_bag(features, coords)
-        h, weights, logits = self._attend(features)
+        pooled = attention_pool(self.embed, self.attention, self.head, features, True)
+        logits = self.head(pooled.pooled)  # (C,)
+        assert pooled.instance_logits is not None
         target = int(logits.argmax()) if target is None else target
-        return logits, weights, contrast(self.head(h), weights, target)
+        return logits, pooled.weights, contrast(pooled.instance_logits, pooled.weights, target)
 
     def forward_train(
         self, features: Tensor, coords: Tensor | None, label: int

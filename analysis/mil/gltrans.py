@@ -14,7 +14,9 @@ Global attention runs through ``scaled_dot_product_attention`` restricted to the
 memory-efficient kernels (memory linear in N; no N x N matrix). Attention dropout is never
 used because the CPU flash kernel falls back to the N x N math path when it is on; dropout
 acts on the sublayer outputs instead. Where no linear-memory kernel applies, queries are
-processed in chunks so peak memory stays linear in N.
+processed in chunks so peak memory stays linear in N. In low-memory mode
+(``analysis.mil.bag.low_memory``) the per-token layers run in row chunks and the local
+convolutions in channel chunks too, with the same result.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from analysis.mil.bag import GlobalAttention, as_bag, bag_output
+from analysis.mil.bag import (
+    GlobalAttention,
+    as_bag,
+    bag_output,
+    by_rows,
+    channel_chunks,
+    depthwise_sum,
+)
 from analysis.mil.evidence import contrast
 
 MAX_GRID_CELLS = 4_000_000  # 2000 x 2000 cells of 128 µm is 25 cm square: larger is not a slide
@@ -87,7 +96,8 @@ class LocalConv(nn.Module):
     """Depth-wise dilated 3x3 convolutions on the patch grid, summed over dilation rates.
 
     Instances are scattered to their cells, empty cells stay zero, and the summed output
-    is gathered back at the instance cells.
+    is gathered back at the instance cells. Channels are independent (depth-wise), so in
+    low-memory mode a few channels' canvas is built and convolved at a time.
     """
 
     def __init__(self, dim: int, dilations: tuple[int, ...], kernel_size: int) -> None:
@@ -105,14 +115,20 @@ class LocalConv(nn.Module):
         )
 
     def forward(self, x: Tensor, cells: GridCells) -> Tensor:
-        dim = x.shape[1]  # x: (N, D)
-        canvas = x.new_zeros(cells.n_rows * cells.n_cols, dim)
-        canvas = canvas.index_add(0, cells.flat, x * cells.inv_count.to(x.dtype))  # (H*W, D)
-        # (H, W, D) viewed as (1, D, H, W) is channels-last memory: no copy for the convs.
-        canvas = canvas.view(1, cells.n_rows, cells.n_cols, dim).permute(0, 3, 1, 2)
-        summed = sum(conv(canvas) for conv in self.convs)  # (1, D, H, W)
-        summed = summed.permute(0, 2, 3, 1).reshape(cells.n_rows * cells.n_cols, dim)
-        return summed[cells.flat]  # (N, D)
+        plane = cells.n_rows * cells.n_cols
+        x = x * cells.inv_count.to(x.dtype)  # (N, D)
+        parts = [self._channels(x, cells, c) for c in channel_chunks(x.shape[1], plane)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (N, D)
+
+    def _channels(self, x: Tensor, cells: GridCells, channels: slice) -> Tensor:
+        """The convolutions' output at the instance cells for ``channels`` only: (N, c)."""
+        plane = cells.n_rows * cells.n_cols
+        width = channels.stop - channels.start
+        canvas = x.new_zeros(plane, width).index_add(0, cells.flat, x[:, channels])  # (H*W, c)
+        # (H, W, c) viewed as (1, c, H, W) is channels-last memory: no copy for the convs.
+        canvas = canvas.view(1, cells.n_rows, cells.n_cols, width).permute(0, 3, 1, 2)
+        summed = depthwise_sum(self.convs, canvas, channels)  # (1, c, H, W)
+        return summed.permute(0, 2, 3, 1).reshape(plane, width)[cells.flat]  # (N, c)
 
 
 def _require_grid(grid_rc: Tensor | None) -> Tensor:
@@ -137,6 +153,7 @@ class FeedForward(nn.Sequential):
 class GlobalLocalBlock(nn.Module):
     def __init__(self, config: GLTransConfig) -> None:
         super().__init__()
+        self.ffn_width = config.ffn_mult * config.dim
         self.norm1 = nn.LayerNorm(config.dim)
         self.attn = GlobalAttention(config.dim, config.n_heads, config.dropout)
         self.local = LocalConv(config.dim, config.dilations, config.kernel_size)
@@ -151,8 +168,12 @@ class GlobalLocalBlock(nn.Module):
         global_out, weights = self.attn(h, cls_weights)
         local_out = self.local_drop(self.local(h[1:], cells))  # (N, D); CLS gets no local term
         x = x + global_out + F.pad(local_out, (0, 0, 1, 0))
-        x = x + self.ffn(self.norm2(x))
+        x = x + by_rows(self.feed_forward, x, self.ffn_width)
         return x, weights
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """The feed-forward sublayer on its own: (M, D) -> (M, D), each token alone."""
+        return self.ffn(self.norm2(x))
 
 
 class GLTrans(nn.Module):
@@ -171,13 +192,18 @@ class GLTrans(nn.Module):
         """Tokens after the last block (1 + N, D) and last-layer CLS attention (H, 1 + N)."""
         param = self.head.weight
         cells = grid_cells(coords.to(param.device))
-        x = self.embed(features.to(device=param.device, dtype=param.dtype))  # (N, D)
+        x = self._embed(features)  # (N, D)
         x = torch.cat([self.cls_token, x], dim=0)  # (1 + N, D)
         weights: Tensor | None = None
         for i, block in enumerate(self.blocks):
             x, weights = block(x, cells, cls_weights=i == len(self.blocks) - 1)
         assert weights is not None
         return x, weights[:, 0]
+
+    def _embed(self, features: Tensor) -> Tensor:
+        param = self.head.weight
+        features = features.to(device=param.device, dtype=param.dtype)
+        return by_rows(self.embed, features, self.config.dim)  # (N, D)
 
     def forward(self, features: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
         features, grid_rc, batched = as_bag(features, coords)
@@ -220,7 +246,7 @@ class GLTrans(nn.Module):
         features, grid_rc, _ = as_bag(features, coords)
         param = self.head.weight
         cells = grid_cells(_require_grid(grid_rc).to(param.device))
-        x = self.embed(features.to(device=param.device, dtype=param.dtype))  # (N, D)
+        x = self._embed(features)  # (N, D)
         x = torch.cat([self.cls_token, x], dim=0)  # (1 + N, D)
         for block in self.blocks[:-1]:
             x, _ = block(x, cells, cls_weights=False)
@@ -228,21 +254,28 @@ class GLTrans(nn.Module):
         attn = last.attn
         length, dim = x.shape
         head_dim = dim // attn.n_heads
-        qkv = attn.qkv(last.norm1(x)).view(length, 3, attn.n_heads, head_dim)
+        qkv = by_rows(attn.qkv, last.norm1(x), 3 * dim).view(length, 3, attn.n_heads, head_dim)
         q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)  # each (H, L, hd)
         weights = (q[:, :1] @ k.transpose(-1, -2) * head_dim**-0.5).softmax(dim=-1)[:, 0]
         read = (weights[:, :, None] * v).sum(dim=1).reshape(dim)  # (D,) the CLS row's read
         alone = v.permute(1, 0, 2).reshape(length, dim)  # (L, D): each token read alone
-        cls_updates = x[0] + attn.proj(torch.cat([read[None], alone[1:]], dim=0))  # (1 + N, D)
-        out = cls_updates + last.ffn(last.norm2(cls_updates))
-        all_logits = self.head(self.norm(out))  # (1 + N, C); row 0 is the bag's
+
+        def cls_readout(values: Tensor) -> Tensor:  # (M, D) values in the CLS row -> (M, C)
+            cls_updates = x[0] + attn.proj(values)  # (M, D)
+            return self.head(self.norm(cls_updates + last.feed_forward(cls_updates)))
+
+        values = torch.cat([read[None], alone[1:]], dim=0)  # (1 + N, D)
+        all_logits = by_rows(cls_readout, values, last.ffn_width)  # (1 + N, C); row 0: the bag
         logits = all_logits[0]
         attention = weights[:, 1:].mean(dim=0)  # (N,)
         target = int(logits.argmax()) if target is None else target
         return logits, attention, contrast(all_logits[1:], attention, target)
 
     def _contrast(self, instance_tokens: Tensor, attention: Tensor, target: int) -> Tensor:
-        instance_logits = self.head(self.norm(instance_tokens))  # (N, C)
+        instance_logits = by_rows(self._readout, instance_tokens, self.config.dim)  # (N, C)
         n_classes = instance_logits.shape[1]
         others = (instance_logits.sum(dim=1) - instance_logits[:, target]) / max(1, n_classes - 1)
         return attention * (instance_logits[:, target] - others)  # (N,)
+
+    def _readout(self, tokens: Tensor) -> Tensor:
+        return self.head(self.norm(tokens))  # (M, D) -> (M, C)

@@ -10,7 +10,9 @@ same linear-memory ``scaled_dot_product_attention`` path GLTrans uses, instead o
 approximation. Positions come from the sequence order (as in the paper), so unlike GLTrans the
 output depends on the order instances are given in; ``coords`` is accepted and ignored.
 Instance scores: last-layer CLS attention averaged over heads, with each padded copy's
-attention added to its original instance.
+attention added to its original instance. Attention is exact, and the PPEG convolutions are
+depth-wise, so low-memory mode (``analysis.mil.bag.low_memory``) computes the same result in
+query, row and channel chunks.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from analysis.mil.bag import GlobalAttention, as_bag, bag_output
+from analysis.mil.bag import (
+    GlobalAttention,
+    as_bag,
+    bag_output,
+    by_rows,
+    channel_chunks,
+    depthwise_sum,
+)
 
 
 @dataclass
@@ -59,10 +68,19 @@ class PPEG(nn.Module):
 
     def forward(self, x: Tensor, side: int) -> Tensor:
         cls_token, tokens = x[:1], x[1:]  # (1, D), (S*S, D)
-        dim = tokens.shape[1]
-        square = tokens.T.reshape(1, dim, side, side)  # (1, D, S, S)
-        square = square + sum(conv(square) for conv in self.convs)
-        return torch.cat([cls_token, square.reshape(dim, side * side).T], dim=0)
+        parts = [
+            self._channels(tokens, side, channels)
+            for channels in channel_chunks(tokens.shape[1], side * side)
+        ]
+        tokens = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (S*S, D)
+        return torch.cat([cls_token, tokens], dim=0)
+
+    def _channels(self, tokens: Tensor, side: int, channels: slice) -> Tensor:
+        """Channels ``channels`` of the encoded tokens: (S*S, c); channels are independent."""
+        width = channels.stop - channels.start
+        square = tokens[:, channels].T.reshape(1, width, side, side)  # (1, c, S, S)
+        square = square + depthwise_sum(self.convs, square, channels)
+        return square.reshape(width, side * side).T
 
 
 class TransMIL(nn.Module):
@@ -86,7 +104,8 @@ class TransMIL(nn.Module):
 
     def _run(self, features: Tensor) -> tuple[Tensor, Tensor]:
         param = self.head.weight
-        h = self.embed(features.to(device=param.device, dtype=param.dtype))  # (N, D)
+        features = features.to(device=param.device, dtype=param.dtype)
+        h = by_rows(self.embed, features, self.config.dim)  # (N, D)
         n = h.shape[0]
         side = math.isqrt(n - 1) + 1  # smallest S with S*S >= N
         source = torch.arange(side * side, device=h.device) % n  # (S*S,) padded -> original
