@@ -6,8 +6,8 @@ from datetime import timedelta
 
 import numpy as np
 from django.conf import settings
-from django.db import models, transaction
-from django.db.models import F, Q
+from django.db import connections, models, router, transaction
+from django.db.models import F, Q, Subquery
 from django.utils import timezone
 
 
@@ -123,14 +123,26 @@ class AnalysisJob(models.Model):
         if limit < 1:
             return []
         queued = cls.objects.filter(model_version=model_version, state=cls.State.QUEUED)
-        with transaction.atomic():
-            pks = list(
-                queued.order_by("created_at", "id")
-                .select_for_update(skip_locked=True)
-                .values_list("pk", flat=True)[:limit]
-            )
-            queued.filter(pk__in=pks).update(**cls._claimed(holder, lease_s, timezone.now()))
-        held = cls.objects.filter(pk__in=pks, claimed_by=holder, state=cls.State.RUNNING)
+        oldest = queued.order_by("created_at", "id").select_for_update(skip_locked=True)
+        claim = cls._claimed(holder, lease_s, timezone.now())
+        # one UPDATE ... WHERE pk IN (SELECT ... LIMIT n [FOR UPDATE SKIP LOCKED]) AND queued:
+        # no lock is held between a read and a write (SQLite's shared-cache test database
+        # answers "table is locked" at once to any reader during a write transaction)
+        using = router.db_for_write(cls)
+        take = queued.filter(pk__in=Subquery(oldest.values("pk")[:limit]))
+        if connections[using].features.has_select_for_update:  # FOR UPDATE needs a transaction
+            with transaction.atomic(using=using):
+                claimed = take.update(**claim)
+        else:
+            claimed = take.update(**claim)
+        if not claimed:
+            return []
+        held = cls.objects.filter(
+            model_version=model_version,
+            claimed_by=holder,
+            state=cls.State.RUNNING,
+            lease_expires_at=claim["lease_expires_at"],
+        )
         return list(held.select_related("slide__case__cohort", "model_version").order_by("id"))
 
     @classmethod
