@@ -59,6 +59,7 @@ class SynthDesign:
     lesion_alignment: float = 1.0  # lesion cords' alignment with the nucleus axis at strength 1
     cue: str = "period"  # "period": lesion cords are finer; "alignment": they follow the axis
     lesion_period_um: tuple[float, float] = (1.0, 1.25)  # lesion cords under cue "period"
+    fine_cord_trim: float = 0.004  # density off nuclei with the finer cords (5x balance)
     membrane_fray: float = 0.25  # border roughness (fine chromatin moves the edge), both classes
     chromatin_period_um: tuple[float, float] = (3.0, 6.0)  # coarse chromatin, both classes
     fibre_period_um: tuple[float, float] = (4.0, 14.0)  # stroma fibres, both classes
@@ -414,7 +415,9 @@ class SlideModel:
             "inv_a2": np.where(present, 1.0 / (a * a), 1e6).astype(f32),
             "inv_b2": np.where(present, 1.0 / (b * b), 1e6).astype(f32),
             "sharp": (0.5 * b).astype(f32),  # edge about one pixel wide
-            "dark": (0.85 + 0.3 * u[6]).astype(f32),
+            "dark": (
+                (0.85 + 0.3 * u[6]) * np.where(channel == 3, 1.0 - d.fine_cord_trim, 1.0)
+            ).astype(f32),
             "cord_cos": np.cos(theta + turn).astype(f32),
             "cord_sin": np.sin(theta + turn).astype(f32),
             "off_y": (u[7] * TEXTURE_PX).astype(np.intp),

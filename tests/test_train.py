@@ -131,3 +131,58 @@ def test_clam_trains_with_its_instance_loss():
 def test_training_refuses_a_config_that_contradicts_the_features():
     with pytest.raises(ValueError, match="in_dim=32 but features are 16-d"):
         train_model("abmil", {"in_dim": 32}, easy_bags(2, 0), easy_bags(2, 1), TrainConfig())
+
+
+def offset_bags(n: int, seed: int, dim: int = 64) -> list[Bag]:
+    """Embeddings as a seeded encoder gives them: a large shared per-dimension offset and a
+    small spread; positive bags hide instances shifted by one spread on 8 dimensions."""
+    rng = np.random.default_rng(seed)
+    offset = np.random.default_rng(99).uniform(1.0, 3.0, dim)
+    bags = []
+    for i in range(n):
+        label = i % 2
+        size = int(rng.integers(20, 40))
+        features = offset + 0.05 * rng.normal(size=(size, dim))
+        if label:
+            features[rng.choice(size, size // 2, replace=False), :8] += 0.05
+        cells = rng.choice(64, size, replace=False)
+        grid_rc = np.stack(np.unravel_index(cells, (8, 8)), axis=1)
+        bags.append(
+            Bag(features.astype(np.float32), grid_rc, label, f"o{seed}-{i}", f"q{seed}-{i}")
+        )
+    return bags
+
+
+@pytest.mark.parametrize("model", ["abmil", "gltrans"])
+def test_training_learns_a_small_signal_on_a_large_shared_offset(model):
+    config = {"dim": 32, "attn_dim": 16} if model == "abmil" else {"dim": 32, "n_heads": 4}
+    val = offset_bags(24, seed=1)
+    result = train_model(
+        model, config, offset_bags(40, seed=0), val, TrainConfig(epochs=10, patience=10, seed=0)
+    )
+    probs = torch.softmax(torch.from_numpy(predict_logits(result.model, val)), dim=1).numpy()
+    labels = np.array([b.label for b in val])
+    from analysis.metrics import auc_score
+
+    assert auc_score(labels, probs) > 0.9  # the returned model takes the raw features
+
+
+def test_standardising_is_folded_into_the_first_layer_exactly():
+    from analysis.train import _standardized, feature_scale, fold_input_scale
+
+    bags = offset_bags(6, seed=2)
+    scale = feature_scale(bags)
+    model = train_model(
+        "abmil",
+        {"dim": 16, "attn_dim": 8},
+        bags,
+        bags,
+        TrainConfig(epochs=1, patience=1, standardize=False),
+    ).model
+    on_standardised = predict_logits(model, _standardized(bags, scale))
+    fold_input_scale(model, *scale)
+    assert np.allclose(predict_logits(model, bags), on_standardised, atol=1e-4)
+    mean, spread = scale
+    assert spread.min() >= 1e-6 and np.allclose(
+        mean, np.concatenate([b.features for b in bags]).mean(0), atol=1e-5
+    )
