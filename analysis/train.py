@@ -15,7 +15,7 @@ import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -347,7 +347,11 @@ class _StandardizedFeatures:
 
 
 def _standardized(bags: Sequence[Bag], scale: tuple[np.ndarray, np.ndarray]) -> list[Bag]:
-    return [bag._replace(features=_StandardizedFeatures(bag.features, *scale)) for bag in bags]
+    # array-like, read when used, as a lazy H5Features bag is
+    return [
+        bag._replace(features=cast(np.ndarray, _StandardizedFeatures(bag.features, *scale)))
+        for bag in bags
+    ]
 
 
 @torch.no_grad()
