@@ -10,14 +10,17 @@ zero-mean amount. Under the default cue (``SynthDesign.cue = "period"``) normal 
 have a period of 1.5-2.2 µm; in *lesion* regions (ground-truth mask at ``MASK_L0_PER_PX``) a
 share ``morphology_strength`` (0..1) of the nuclei carry finer cords, 1.0-1.25 µm. The
 other cue, ``"alignment"``, keeps one period and turns lesion cords along the nucleus's long
-axis instead (a relation a randomly initialised encoder does not resolve). Nucleus size, shape,
-density, stain, and every per-pixel density value are drawn from the same distributions in both
-classes (texture clipped symmetrically, so zero-mean in density after clipping): the classes
-differ only in how the same values are arranged, so colour and optical density agree at any
-scale. At 20x (0.5 µm/px) both periods are resolved (2-4.4 pixels) and their difference is
-plain to measure (``analysis.synthcheck.cord_fineness``); at 10x the lesion cords fall past the
-sampling limit while normal ones only just survive; a 4x area-average (5x, 2 µm/px) leaves
-nothing a first-order statistic separates.
+axis instead (a relation a randomly initialised encoder does not resolve).
+
+Nucleus size, shape, density, stain, and the texture's per-pixel values are drawn from the same
+distributions in both classes (texture clipped symmetrically, so zero-mean in density after
+clipping): the classes differ in how the same values are arranged. A finer-frayed border leaves
+5x nuclear pixels a trace darker (+0.002 red OD), so nuclei with the finer cords carry
+``fine_cord_trim`` (0.4%) less density, which balances it. At 20x (0.5 µm/px) both periods are
+resolved (2-4.4 pixels) and their difference is plain to measure
+(``analysis.synthcheck.cord_fineness``); at 10x the lesion cords fall past the sampling limit
+while normal ones only just survive; a 4x area-average (5x, 2 µm/px) leaves nothing a
+first-order colour or optical-density statistic separates.
 
 Everything is a function of level-0 coordinates (hashed lattices, periodic texture tiles,
 smooth coarse fields), so any region renders on its own: slides stream strip by strip.

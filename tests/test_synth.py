@@ -153,12 +153,12 @@ def test_plain_5x_colour_and_od_statistics_do_not_separate_the_classes(cohort):
     stats_5x = np.stack([colour_od_stats(_downsample(r, 4)) for _, _, r in rows])
     assert _loo_auc(stats_5x, labels, groups) <= 0.7
     # the per-slide number that used to give AUC 1.000 (a -0.115 shift): mean red OD of nuclear
-    # pixels at 5x. Paired by seed (same nuclei, only the lesion morphology differs) it moves by
-    # ~0.002 (finer cords leave a slightly different 5x spread), under the natural spread.
+    # pixels at 5x; paired by seed (same nuclei, only the lesion morphology differs) it must
+    # not move (without the fine-cord density trim it moved by +0.002, 4 standard errors)
     red = stats_5x[:, 0].reshape(-1, 2)  # (seed, label)
     shift = red[:, 1] - red[:, 0]
-    assert abs(shift.mean()) < 0.005
-    assert abs(shift.mean()) < red[:, 0].std()
+    assert abs(shift.mean()) < max(3 * shift.std() / np.sqrt(len(shift)), 1e-3)
+    assert abs(shift.mean()) < 0.2 * red[:, 0].std()
 
 
 def test_20x_features_separate_the_classes_and_10x_keeps_less_of_it(cohort):
