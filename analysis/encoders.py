@@ -900,11 +900,12 @@ class Encoder:
         """(N, H, W, 3) uint8 patches -> (N, dim) float32 embeddings.
 
         Patches go through the network ``batch_size`` at a time. When the device runs out of
-        memory the batch is halved (and stays halved for later calls) until it fits; a single
-        patch that does not fit is an ``AnalysisError``. Each patch's embedding does not
-        depend on its batch-mates, so the result is the same.
+        memory (``analysis.devices.is_out_of_memory``: CUDA, CPU, MPS) the batch is halved (and
+        stays halved for later calls) until it fits; a single patch that does not fit is an
+        ``AnalysisError``. Each patch's embedding does not depend on its batch-mates, so the
+        result is the same.
         """
-        from analysis.devices import release_cached_memory
+        from analysis.devices import is_out_of_memory, release_cached_memory
 
         n = len(patches_uint8)
         if n == 0:
@@ -917,7 +918,9 @@ class Encoder:
                 out.append(
                     self.embed_tensor(imagenet_normalize(patches_uint8[start : start + size]))
                 )
-            except torch.OutOfMemoryError as exc:
+            except RuntimeError as exc:  # torch.OutOfMemoryError is one; CPU and MPS say so
+                if not is_out_of_memory(exc):
+                    raise
                 release_cached_memory(self.device)
                 if size == 1:
                     side = "x".join(str(v) for v in np.shape(patches_uint8)[1:3])

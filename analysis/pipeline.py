@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from analysis.bundle import LoadedBundle
-from analysis.errors import AnalysisError
 
 ProgressCallback = Callable[[str, float], None]  # (stage, fraction of that stage done)
 
@@ -181,57 +180,20 @@ def _kmeans_torch(
     return labels.cpu().numpy()
 
 
-def _on_device(mil: Any, features: np.ndarray, grid_rc: np.ndarray, forward: Callable) -> Any:
-    """``forward(feats, coords)`` with the bag on the model's device, under inference mode.
-
-    The one out-of-memory policy for every MIL model and the class-evidence path: when the
-    device runs out of memory the bag runs once more in low-memory mode
-    (``analysis.mil.bag.low_memory``: every model computes the same result in chunks); a bag
-    too big even then fails with an ``AnalysisError`` naming its size, the model and the device.
-    Two tries at most, so a bag that does not fit never loops.
-    """
-    import torch
-
-    from analysis.devices import is_out_of_memory, module_device, release_cached_memory
-    from analysis.mil.bag import low_memory
-
-    device = module_device(mil)
-    n, dim = (int(v) for v in np.shape(features))
-    with torch.inference_mode():
-        feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
-        coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64)).to(device)
-        reason = ""
-        for chunked in (False, True):
-            try:
-                with low_memory() if chunked else nullcontext():
-                    return forward(feats, coords)
-            except RuntimeError as exc:  # torch.OutOfMemoryError is one
-                if not is_out_of_memory(exc):
-                    raise
-                reason = str(exc).splitlines()[0][:160]
-            # Out of the except block the failed try's tensors are garbage: the cache can go.
-            release_cached_memory(device)
-        del feats, coords
-        release_cached_memory(device)
-    raise AnalysisError(
-        f"{type(mil).__name__} on {device} ran out of memory on the slide's bag of {n} patches "
-        f"x {dim} features, even chunked ({reason}); run it on a device with more memory "
-        "(--device or LOWMAG_DEVICE), or analyse fewer patches (a higher --min-tissue; the "
-        "patch grid, and so the bag, is the same size at every magnification)"
-    )
-
-
 def run_mil(mil: Any, features: np.ndarray, grid_rc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(C,) class probabilities and (N,) raw instance scores from a MIL model in eval mode; the
-    results come back to the CPU in one copy (device and memory handling: ``_on_device``)."""
+    results come back to the CPU in one copy (device and memory handling:
+    ``analysis.mil.bag.run_bag``)."""
     import torch
+
+    from analysis.mil.bag import run_bag
 
     def forward(feats, coords):
         logits, scores = mil(feats, coords)  # (C,) or (1, C); (N,) or (1, N)
         probabilities = torch.softmax(logits.float().reshape(-1), dim=0)  # (C,)
         return len(probabilities), torch.cat([probabilities, scores.float().reshape(-1)]).cpu()
 
-    n_classes, both = _on_device(mil, features, grid_rc, forward)
+    n_classes, both = run_bag(mil, features, grid_rc, forward)
     values = both.numpy()
     return values[:n_classes], values[n_classes:]
 
@@ -247,6 +209,7 @@ def run_mil_evidence(
     """
     import torch
 
+    from analysis.mil.bag import run_bag
     from analysis.mil.evidence import evidence_target
 
     if not hasattr(mil, "instance_evidence"):
@@ -263,7 +226,7 @@ def run_mil_evidence(
         parts = [probs, attention.float().reshape(-1), evidence.float().reshape(-1)]
         return len(probs), target, torch.cat(parts).cpu()  # one copy back
 
-    n_classes, target, both = _on_device(mil, features, grid_rc, forward)
+    n_classes, target, both = run_bag(mil, features, grid_rc, forward)
     values = both.numpy()
     return values[:n_classes], values[n_classes : n_classes + n], values[n_classes + n :], target
 

@@ -23,7 +23,10 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch import Tensor, nn
 
+from analysis.devices import is_out_of_memory, release_cached_memory
+from analysis.errors import AnalysisError
 from analysis.metrics import auc_score
+from analysis.mil.bag import run_bag
 from analysis.mil.clam import CLAMSB
 from analysis.mil.registry import build_mil, mil_config_from_dict, mil_config_to_dict
 
@@ -47,7 +50,7 @@ class TrainConfig:
     lookahead_k: int = 6  # Lookahead: fast steps between slow-weight updates
     lookahead_alpha: float = 0.5  # Lookahead: slow weights move this fraction toward fast
     instance_subsample: float = 1.0  # fraction of a bag's instances kept per training step
-    max_train_instances: int | None = None  # cap per training step (CPU speed); None: no cap
+    max_train_instances: int | None = None  # cap per training step (CPU speed, device memory)
     shuffle_instances: bool = True  # random instance order per training step (paper)
     seed: int = 0  # model init, bag order, instance order and subsets
     num_threads: int = 1  # torch intra-op threads while training
@@ -144,12 +147,16 @@ def _to_tensors(bags: Iterable[Bag], device: str = "cpu") -> list[_TensorBag]:
     return [_on_device(bag, device) for bag in bags]
 
 
+def _step_instances(n: int, cfg: TrainConfig) -> int:
+    """How many of a bag's ``n`` instances one training step sees."""
+    keep = max(1, math.ceil(n * cfg.instance_subsample))
+    return keep if cfg.max_train_instances is None else min(keep, cfg.max_train_instances)
+
+
 def _augment(bag: _TensorBag, cfg: TrainConfig, rng: np.random.Generator) -> _TensorBag:
     """Random subset and order of a bag's instances (positions travel with them)."""
     n = bag.features.shape[0]
-    keep = max(1, math.ceil(n * cfg.instance_subsample))
-    if cfg.max_train_instances is not None:
-        keep = min(keep, cfg.max_train_instances)
+    keep = _step_instances(n, cfg)
     if keep == n and not cfg.shuffle_instances:
         return bag
     index = rng.permutation(n)[:keep]
@@ -199,25 +206,60 @@ def _train_epoch(
     model.train()
     total = 0.0
     for i in rng.permutation(len(bags)):
-        loss = _bag_loss(model, _augment(_on_device(bags[i], cfg.device), cfg, rng))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach())
+        total += _train_step(model, optimizer, bags[i], cfg, rng)
     return total / len(bags)
 
 
-@torch.inference_mode()
-def predict_logits(model: nn.Module, bags: Sequence[Bag] | list[_TensorBag]) -> np.ndarray:
-    """(n_bags, C) logits in eval mode, instances in their given order."""
+def _train_step(
+    model: nn.Module, optimizer: Lookahead, bag: Bag, cfg: TrainConfig, rng: np.random.Generator
+) -> float:
+    """One optimisation step on one bag; its loss.
+
+    A backward pass cannot run in chunks with the same gradients, so a step the device has no
+    memory for is not retried: it ends training with an ``AnalysisError`` that names the bag,
+    the model and the device, and says what to change.
+    """
+    try:
+        loss = _bag_loss(model, _augment(_on_device(bag, cfg.device), cfg, rng))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(exc):
+            raise
+        reason = str(exc).splitlines()[0][:160]
+    # Out of the except block the failed step's tensors are garbage: the cache can go.
+    optimizer.zero_grad()
+    release_cached_memory(cfg.device)
+    n, dim = (int(v) for v in bag.features.shape)
+    step = _step_instances(n, cfg)
+    raise AnalysisError(
+        f"{type(model).__name__} on {cfg.device} ran out of memory training on slide "
+        f"{bag.slide_id}, a step of {step} of its {n} instances x {dim} features ({reason}); "
+        f"a training step cannot run in chunks: cap the instances per step below {step} "
+        "(max_train_instances in TrainConfig, lowmag crossval --max-instances), or train on a "
+        "device with more memory (--device or LOWMAG_DEVICE)"
+    )
+
+
+def predict_logits(model: nn.Module, bags: Sequence[Bag]) -> np.ndarray:
+    """(n_bags, C) logits in eval mode, instances in their given order. A bag the device has no
+    memory for runs once more in chunks, with the same logits (``analysis.mil.bag.run_bag``)."""
     model.eval()
-    device = next(model.parameters()).device
-    rows = []
-    for bag in bags:
-        tensors = bag if isinstance(bag, _TensorBag) else _on_device(bag, str(device))
-        logits, _ = model(tensors.features.to(device), tensors.grid_rc.to(device).long())
-        rows.append(logits.reshape(-1).float().cpu().numpy())
-    return np.stack(rows)
+
+    def forward(feats: Tensor, coords: Tensor) -> Tensor:
+        logits, _ = model(feats, coords)  # (C,)
+        return logits.reshape(-1).float().cpu()
+
+    return np.stack(
+        [
+            run_bag(
+                model, bag.features, bag.grid_rc, forward, f"slide {bag.slide_id}'s bag"
+            ).numpy()
+            for bag in bags
+        ]
+    )
 
 
 def predict_proba(model: nn.Module, bags: Sequence[Bag]) -> np.ndarray:

@@ -8,6 +8,8 @@ refuses ``.numpy()`` until it is copied back with ``.cpu()``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -81,21 +83,36 @@ def out_of_memory(what: str) -> torch.OutOfMemoryError:
     return torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {what}")
 
 
+def cpu_out_of_memory(what: str) -> RuntimeError:
+    """Host memory running out, as torch's CPU allocator reports it (a plain RuntimeError)."""
+    return RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+        f"memory: you tried to allocate {what}. Error code 12 (Cannot allocate memory)"
+    )
+
+
 class MemoryLimitedNet(nn.Module):
     """A real encoder network on a device with little memory: batches above ``max_batch``
-    raise ``torch.OutOfMemoryError`` as CUDA does; smaller ones run the real network."""
+    raise ``torch.OutOfMemoryError`` as CUDA does (or what ``error`` makes, e.g.
+    ``cpu_out_of_memory``); smaller ones run the real network."""
 
-    def __init__(self, net: nn.Module, max_batch: int) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        max_batch: int,
+        error: Callable[[str], RuntimeError] = out_of_memory,
+    ) -> None:
         super().__init__()
         self.net = net
         self.max_batch = max_batch
+        self.error = error
         self.embed_dim = net.embed_dim
         self.batch_sizes: list[int] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.batch_sizes.append(int(x.shape[0]))
         if x.shape[0] > self.max_batch:
-            raise out_of_memory(f"{x.shape[0]} patches")
+            raise self.error(f"{x.shape[0]} patches")
         return self.net(x)
 
 

@@ -493,3 +493,47 @@ def test_a_vit_file_into_ctranspath_and_bad_swin_specs_are_refused(tmp_path):
         build_model("swin:width=3")
     with pytest.raises(AnalysisError, match="divisible by head_dim"):
         build_model("swin:dim=20")
+
+
+class _TinyNet(torch.nn.Module):
+    """A small real network: (B, 3, H, W) -> (B, 8), each patch on its own."""
+
+    embed_dim = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=(2, 3))  # (B, 8)
+
+
+def test_embed_halves_its_batch_when_the_cpu_allocator_runs_out_of_memory():
+    from analysis.encoders import Encoder
+    from tests.fake_accelerator import MemoryLimitedNet, cpu_out_of_memory
+
+    net = _TinyNet().eval()
+    patches = _patches(10, 16)
+    expected = Encoder(name="t", model=net, dim=8, weights_source="t", device="cpu").embed(patches)
+    limited = MemoryLimitedNet(net, max_batch=3, error=cpu_out_of_memory)
+    encoder = Encoder(
+        name="t", model=limited, dim=8, weights_source="t", device="cpu", batch_size=8
+    )
+    np.testing.assert_allclose(encoder.embed(patches), expected, rtol=1e-5, atol=1e-6)
+    assert limited.batch_sizes[:3] == [8, 4, 2] and encoder.batch_size == 2
+
+    limited.max_batch = 0
+    with pytest.raises(AnalysisError, match=r"one 16x16 px patch does not fit.*t encoder"):
+        encoder.embed(patches)
+
+
+def test_embed_lets_other_runtime_errors_through():
+    from analysis.encoders import Encoder
+    from tests.fake_accelerator import MemoryLimitedNet
+
+    broken = MemoryLimitedNet(_TinyNet().eval(), max_batch=0, error=RuntimeError)
+    encoder = Encoder(name="t", model=broken, dim=8, weights_source="t", device="cpu", batch_size=4)
+    with pytest.raises(RuntimeError, match="^4 patches$"):
+        encoder.embed(_patches(4, 16))
+    assert broken.batch_sizes == [4]  # not taken for out-of-memory: no smaller retry

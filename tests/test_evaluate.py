@@ -338,3 +338,52 @@ def test_bags_load_lazily_and_train_one_at_a_time_like_in_memory_bags(tmp_path):
     # measures the features' scale, plus validation reads
     assert [lazy[i].features.reads for i in train] == [3] * len(train)
     assert [lazy[i].features.reads for i in val] == [2] * len(val)
+
+
+def test_crossval_validation_and_test_fold_predictions_under_a_memory_limit_equal_unlimited(
+    monkeypatch,
+):
+    """Bags too big for the device: training steps fit under the instance cap; validation and
+    test-fold predictions run each bag again in chunks, with the same result."""
+    from analysis.mil import bag
+    from tests.fake_accelerator import limit_memory
+
+    rng = np.random.default_rng(0)
+    grid_rc = np.stack(np.divmod(np.arange(500), 25), axis=1)  # 500 instances each
+    bags = []
+    for p in range(6):
+        features = rng.normal(size=(500, 8)).astype(np.float32)
+        features[:20, 0] += 3.0 * (p % 2)
+        bags.append(Bag(features, grid_rc, p % 2, f"p{p}-s0", f"p{p}"))
+    cfg = TrainConfig(lr=5e-3, epochs=2, patience=2, max_train_instances=40)
+    config = {"dim": 32, "attn_dim": 8}
+    expected = crossval(bags, "abmil", config, cfg, folds=3, n_bootstrap=10)
+
+    limit = limit_memory(monkeypatch, 8192)  # a whole bag's embedding: 500 x 32 values
+    monkeypatch.setattr(bag, "LOW_MEMORY_CHUNK_ELEMENTS", 8192)
+    limited = crossval(bags, "abmil", config, cfg, folds=3, n_bootstrap=10)
+    assert limit.refused > 0 and max(limit.ran) <= 8192
+    for got, want in zip(limited.histories, expected.histories, strict=True):
+        for row, expected_row in zip(got, want, strict=True):
+            assert row == pytest.approx(expected_row, rel=1e-4, abs=1e-6)
+    np.testing.assert_allclose(limited.predictions.probs, expected.predictions.probs, atol=1e-5)
+
+
+def test_cli_crossval_reports_a_training_step_out_of_memory_in_one_line(
+    tmp_path, capsys, monkeypatch
+):
+    from tests.fake_accelerator import limit_memory
+
+    write_h5_folder(tmp_path, separable_bags(9), with_grid=True)
+    limit_memory(monkeypatch, 100)  # a 12-instance bag's embedding is 12 x 16 values
+    code = lowmag(
+        ["crossval", "--features", str(tmp_path / "features"), "--labels",
+         str(tmp_path / "labels.csv"), "--model", "abmil", "--folds", "3", "--epochs", "1",
+         "--device", "cpu", "--mil-config", json.dumps(TINY_ABMIL), "-o", str(tmp_path / "run")]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(
+        "lowmag crossval: error: ABMIL on cpu ran out of memory training on slide p"
+    )
+    assert "a step of 12 of its 12 instances x 8 features" in err and "--max-instances" in err

@@ -16,6 +16,7 @@ from analysis.train import (
     train_model,
     validation_metrics,
 )
+from tests.fake_accelerator import limit_memory
 
 
 def easy_bags(n: int, seed: int, dim: int = 16) -> list[Bag]:
@@ -186,3 +187,69 @@ def test_standardising_is_folded_into_the_first_layer_exactly():
     assert spread.min() >= 1e-6 and np.allclose(
         mean, np.concatenate([b.features for b in bags]).mean(0), atol=1e-5
     )
+
+
+# --- bags too big for the device (``tests.fake_accelerator.limit_memory`` plays the device) ---
+
+HUGE = 500  # instances per bag: a 20 x 25 grid
+BUDGET = 8192  # values per op: a whole bag's embedding (500 x 32) does not fit
+SMALL_ABMIL = {"dim": 32, "attn_dim": 16}
+
+
+def huge_bags(n: int, seed: int) -> list[Bag]:
+    rng = np.random.default_rng(seed)
+    grid_rc = np.stack(np.divmod(np.arange(HUGE), 25), axis=1)
+    return [
+        Bag(rng.normal(size=(HUGE, 16)).astype(np.float32), grid_rc, i % 2, f"h{seed}-{i}", f"q{i}")
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("name", ["abmil", "gltrans"])
+def test_predictions_of_bags_too_big_for_the_device_run_in_chunks_with_the_same_logits(
+    name, monkeypatch
+):
+    from analysis.mil import bag, build_mil
+
+    torch.manual_seed(0)
+    config = {**SMALL_ABMIL, "in_dim": 16} if name == "abmil" else {"in_dim": 16, "dim": 32}
+    model = build_mil(name, config)
+    bags = huge_bags(3, seed=0)
+    expected = predict_logits(model, bags)  # unlimited memory
+
+    limit = limit_memory(monkeypatch, BUDGET)
+    monkeypatch.setattr(bag, "LOW_MEMORY_CHUNK_ELEMENTS", BUDGET)
+    logits = predict_logits(model, bags)
+    assert limit.refused == len(bags)  # each whole bag once; each chunked retry fitted
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_training_step_out_of_memory_names_the_slide_its_size_the_model_and_the_fix(monkeypatch):
+    from analysis.errors import AnalysisError
+
+    limit = limit_memory(monkeypatch, BUDGET)
+    bags = huge_bags(2, seed=0)
+    with pytest.raises(AnalysisError) as caught:
+        train_model("abmil", SMALL_ABMIL, bags, huge_bags(2, seed=1), TrainConfig(epochs=1))
+    message = str(caught.value)
+    slide_id = message.split("training on slide ")[1].split(",")[0]
+    assert slide_id in {b.slide_id for b in bags}
+    assert message.startswith("ABMIL on cpu ran out of memory training on slide ")
+    assert f"{HUGE} of its {HUGE} instances x 16 features" in message
+    assert "max_train_instances" in message and "--max-instances" in message
+    assert "LOWMAG_DEVICE" in message
+    assert "Traceback" not in message and len(message.splitlines()) == 1
+    error = caught.value
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+    assert limit.refused == 1  # a training step is never retried
+
+
+def test_a_training_step_under_the_instance_cap_fits_where_the_whole_bag_does_not(monkeypatch):
+    from analysis.mil import bag
+
+    limit = limit_memory(monkeypatch, BUDGET)
+    monkeypatch.setattr(bag, "LOW_MEMORY_CHUNK_ELEMENTS", BUDGET)
+    cfg = TrainConfig(epochs=1, max_train_instances=100)  # 100 x 32 values: fits
+    result = train_model("abmil", SMALL_ABMIL, huge_bags(2, seed=0), huge_bags(2, seed=1), cfg)
+    assert len(result.history) == 1
+    assert limit.refused == 2  # only the validation bags, each once, then in chunks

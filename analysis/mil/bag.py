@@ -1,5 +1,6 @@
-"""What every MIL model shares: one bag in, logits out, linear-memory global attention, and the
-low-memory mode a caller retries a bag in after the device ran out of memory.
+"""What every MIL model shares: one bag in, logits out, linear-memory global attention, the
+low-memory mode, and ``run_bag``: the one place that retries a bag in it after the device ran
+out of memory.
 
 GLTrans and the baselines (ABMIL, CLAM-SB, TransMIL) import these; none imports another model.
 In low-memory mode (``low_memory()``) every step of a model whose memory grows with the bag runs
@@ -14,19 +15,23 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
-from typing import cast
+from typing import Any, TypeVar, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from analysis.errors import AnalysisError
+
 SMALL_BAG = 2048  # below this many tokens an N x N matrix is harmless: any SDPA kernel will do
 CHUNK_ELEMENTS = 1 << 25  # fallback: query chunk sized so one chunk's scores hold ~32M floats
 LOW_MEMORY_CHUNK_ELEMENTS = 1 << 22  # low-memory mode: ~4M values (16 MB fp32) per chunk
 _LOW_MEMORY: ContextVar[bool] = ContextVar("low_memory", default=False)
+T = TypeVar("T")
 LINEAR_MEMORY_KERNELS = [
     SDPBackend.FLASH_ATTENTION,
     SDPBackend.EFFICIENT_ATTENTION,
@@ -72,14 +77,58 @@ def low_memory() -> Iterator[None]:
     """Within it, every MIL model computes a bag in chunks (see the module docstring).
 
     The result is the same; the peak is a few (N, D) tensors plus ``LOW_MEMORY_CHUNK_ELEMENTS``
-    values per step, whatever the kernel or bag size: what a caller retries with after the
-    device ran out of memory (``analysis.pipeline``).
+    values per step, whatever the kernel or bag size: what ``run_bag`` retries with after the
+    device ran out of memory.
     """
     token = _LOW_MEMORY.set(True)
     try:
         yield
     finally:
         _LOW_MEMORY.reset(token)
+
+
+def run_bag(
+    mil: nn.Module,
+    features: Any,
+    grid_rc: Any,
+    forward: Callable[[Tensor, Tensor], T],
+    bag_name: str = "the slide's bag",
+) -> T:
+    """``forward(feats, coords)`` with the bag on the model's device, under inference mode.
+
+    The one out-of-memory policy for every MIL model and every caller (prediction, class
+    evidence, validation and test folds in training): when the device runs out of memory the
+    bag runs once more in low-memory mode (every model computes the same result in chunks); a
+    bag too big even then fails with an ``AnalysisError`` naming it (``bag_name``), its size,
+    the model and the device. Two tries at most, so a bag that does not fit never loops.
+    ``features`` and ``grid_rc`` are (N, D) and (N, 2) array-likes (lazy ones are read once).
+    """
+    from analysis.devices import is_out_of_memory, module_device, release_cached_memory
+
+    device = module_device(mil)
+    n, dim = (int(v) for v in np.shape(features))
+    with torch.inference_mode():
+        feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
+        coords = torch.from_numpy(np.ascontiguousarray(grid_rc, dtype=np.int64)).to(device)
+        reason = ""
+        for chunked in (False, True):
+            try:
+                with low_memory() if chunked else nullcontext():
+                    return forward(feats, coords)
+            except RuntimeError as exc:  # torch.OutOfMemoryError is one
+                if not is_out_of_memory(exc):
+                    raise
+                reason = str(exc).splitlines()[0][:160]
+            # Out of the except block the failed try's tensors are garbage: the cache can go.
+            release_cached_memory(device)
+        del feats, coords
+        release_cached_memory(device)
+    raise AnalysisError(
+        f"{type(mil).__name__} on {device} ran out of memory on {bag_name} of {n} patches "
+        f"x {dim} features, even chunked ({reason}); run it on a device with more memory "
+        "(--device or LOWMAG_DEVICE), or analyse fewer patches (a higher --min-tissue; the "
+        "patch grid, and so the bag, is the same size at every magnification)"
+    )
 
 
 def _chunks(length: int, per_item: int) -> list[slice]:
