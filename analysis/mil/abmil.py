@@ -99,17 +99,13 @@ def _attention_pool_in_chunks(
     return Pooled(weighted / total, weights, torch.cat(own_logits) if instance_logits else None)
 
 
-class ABMIL(nn.Module):
-    """``forward(features, coords) -> (logits, instance_scores)``; scores are attention weights."""
+class AttentionPooledMIL(nn.Module):
+    """Prediction and class evidence of a model that pools ``embed``-ded instances with
+    ``attention`` and classifies the pooled vector with ``head`` (ABMIL, CLAM-SB)."""
 
-    def __init__(self, config: ABMILConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.embed = nn.Sequential(
-            nn.Linear(config.in_dim, config.dim), nn.ReLU(), nn.Dropout(config.dropout)
-        )
-        self.attention = GatedAttention(config.dim, config.attn_dim, config.dropout)
-        self.head = nn.Linear(config.dim, config.n_classes)
+    embed: nn.Module
+    attention: GatedAttention
+    head: nn.Linear
 
     def forward(self, features: Tensor, coords: Tensor | None = None) -> tuple[Tensor, Tensor]:
         features, _, batched = as_bag(features, coords)
@@ -126,3 +122,16 @@ class ABMIL(nn.Module):
         assert pooled.instance_logits is not None
         target = int(logits.argmax()) if target is None else target
         return logits, pooled.weights, contrast(pooled.instance_logits, pooled.weights, target)
+
+
+class ABMIL(AttentionPooledMIL):
+    """``forward(features, coords) -> (logits, instance_scores)``; scores are attention weights."""
+
+    def __init__(self, config: ABMILConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Sequential(
+            nn.Linear(config.in_dim, config.dim), nn.ReLU(), nn.Dropout(config.dropout)
+        )
+        self.attention = GatedAttention(config.dim, config.attn_dim, config.dropout)
+        self.head = nn.Linear(config.dim, config.n_classes)

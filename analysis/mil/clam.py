@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from analysis.mil.abmil import GatedAttention, attention_pool
-from analysis.mil.bag import as_bag, bag_output
-from analysis.mil.evidence import contrast
+from analysis.mil.abmil import AttentionPooledMIL, GatedAttention
+from analysis.mil.bag import as_bag
 
 
 @dataclass
@@ -46,7 +45,7 @@ def smooth_svm_loss(
     return (tau * torch.logsumexp((margin + logits - true_score) / tau, dim=1)).mean()
 
 
-class CLAMSB(nn.Module):
+class CLAMSB(AttentionPooledMIL):
     """``forward(features, coords) -> (logits, instance_scores)``; plus ``forward_train``."""
 
     def __init__(self, config: CLAMConfig) -> None:
@@ -66,22 +65,6 @@ class CLAMSB(nn.Module):
         h = self.embed(features.to(device=param.device, dtype=param.dtype))  # (N, D)
         weights = self.attention(h).softmax(dim=0)  # (N,)
         return h, weights, self.head(weights @ h)  # (N, D), (N,), (C,)
-
-    def forward(self, features: Tensor, coords: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        features, _, batched = as_bag(features, coords)
-        pooled = attention_pool(self.embed, self.attention, self.head, features)
-        return bag_output(self.head(pooled.pooled), batched), pooled.weights  # (C,), (N,)
-
-    def instance_evidence(
-        self, features: Tensor, coords: Tensor | None = None, target: int | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(C,) logits, (N,) attention and (N,) class evidence (``analysis.mil.evidence``)."""
-        features, _, _ = as_bag(features, coords)
-        pooled = attention_pool(self.embed, self.attention, self.head, features, True)
-        logits = self.head(pooled.pooled)  # (C,)
-        assert pooled.instance_logits is not None
-        target = int(logits.argmax()) if target is None else target
-        return logits, pooled.weights, contrast(pooled.instance_logits, pooled.weights, target)
 
     def forward_train(
         self, features: Tensor, coords: Tensor | None, label: int
