@@ -3,7 +3,7 @@
 Sets up a throwaway portal (SQLite, files in a temporary ``LOWMAG_DATA_DIR``): a pathologist
 whose cohort holds a synthetic 20x slide (16000x16000 px) with a prediction over its patch
 grid, and a synthetic 5x slide (8500x8500 px, ~8000 patches) with a prediction. Then, for each
-client count (1, 16, 64), it starts daphne afresh (empty tile caches), logs in, and drives
+client count (1, 16, 64), it starts the web server (``python -m portal.web``) afresh (empty tile caches), logs in, and drives
 keep-alive HTTP/1.1 connections from an asyncio client:
 
 - cold pass: every tile of the slide pyramid's levels up to one below full resolution is
@@ -215,28 +215,39 @@ def setup_portal(work: Path, slides: list[BenchSlide]) -> None:
         slide.prediction_id = made[slide.key]["prediction_id"]
 
 
+SERVERS = ("web", "daphne")  # web: python -m portal.web, as deployed; daphne: the earlier server
+
+
+def server_command(server: str, port: int) -> list[str]:
+    if server == "web":
+        return [sys.executable, "-m", "portal.web", "--port", str(port)]
+    if server == "daphne":
+        return [str(Path(sys.executable).parent / "daphne"), "-b", "127.0.0.1", "-p", str(port),
+                "portal.asgi:application"]  # fmt: skip
+    raise ValueError(f"unknown server {server!r}: choose from {', '.join(SERVERS)}")
+
+
 @contextmanager
-def daphne(work: Path):
-    """daphne as deployed (deploy/k8s/web.yaml), on a free loopback port; killed on exit."""
+def web_server(work: Path, server: str = "web"):
+    """The portal's web server (``python -m portal.web`` as deployed, or ``daphne`` to compare)
+    on a free loopback port; killed on exit."""
     port = _free_port()
-    log = open(work / "daphne.log", "ab")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "daphne"), "-b", "127.0.0.1", "-p", str(port),
-         "portal.asgi:application"],
-        env=portal_env(work), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
+    log = open(work / f"{server}.log", "ab")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        server_command(server, port), env=portal_env(work), cwd=ROOT, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
-        _wait_until_up(port, server)
-        yield port, server.pid
+        _wait_until_up(port, process)
+        yield port, process.pid
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
             try:
-                server.wait(timeout=15)
+                process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=15)
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=15)
         log.close()
 
 
@@ -244,7 +255,7 @@ def _wait_until_up(port: int, server: subprocess.Popen, timeout_s: float = 60) -
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError("daphne did not start; see daphne.log in the work folder")
+            raise RuntimeError("the web server did not start; see its log in the work folder")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/healthz")
@@ -252,7 +263,7 @@ def _wait_until_up(port: int, server: subprocess.Popen, timeout_s: float = 60) -
                 return
         except OSError:
             time.sleep(0.2)
-    raise RuntimeError(f"daphne on port {port} did not answer within {timeout_s} s")
+    raise RuntimeError(f"the web server on port {port} did not answer within {timeout_s} s")
 
 
 def _cookie(response, name: str) -> str:
@@ -573,7 +584,7 @@ def update_readme(table: str, command: str, result: dict) -> None:
         f"{SECTION}\n\n`{command}` (`benchmarks/tiles.py`; JSON in `benchmarks/out/tiles.json`)."
         f" Slide: synthetic 20x, {result['slide']['width']}x{result['slide']['height']} px,"
         f" {result['slide']['patches']} patches; cold set = every tile of DeepZoom levels"
-        f" 0..{result['cold_last_level']} ({result['cold_tiles']} tiles), one fresh daphne"
+        f" 0..{result['cold_last_level']} ({result['cold_tiles']} tiles), one fresh web server"
         " process per client count (empty tile caches), session-cookie auth, keep-alive HTTP/1.1"
         " from an asyncio client that shares the machine's cores with the server. Warm = random"
         " tiles of the same set, already encoded and cached. The OpenSlide example server column"
@@ -592,8 +603,8 @@ def measure_server(work: Path, slide20, slide5, tiles, args) -> tuple[list[dict]
     overlay: dict = {}
     rng = random.Random(0)
     for clients in args.clients:
-        print(f"daphne, {clients} client(s):", flush=True)
-        with daphne(work) as (port, _pid):
+        print(f"web server, {clients} client(s):", flush=True)
+        with web_server(work) as (port, _pid):
             cookie = login(port)
             for kind, to_paths in (("slide", slide_paths), ("heatmap", heatmap_paths)):
                 paths = to_paths(slide20, tiles)

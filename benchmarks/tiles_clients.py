@@ -1,8 +1,12 @@
-"""Tile latency of one LowMag server as several HTTP load generators see it, side by side.
+"""Tile latency of LowMag, and of OpenSlide's example DeepZoom server, as several HTTP load
+generators see it, side by side in one run.
 
 Writes a synthetic 20x slide (16000 x 16000 px by default), pre-renders its DeepZoom tiles as
-the portal does after ingest, starts LowMag (daphne, session cookie, the ASGI tile path) once,
-and for each DeepZoom level and client count lets the load generators take turns on it:
+the portal does after ingest, starts LowMag (``python -m portal.web`` as deployed; ``--servers
+web,daphne`` adds the earlier daphne server), and with ``--peer`` OpenSlide's
+``examples/deepzoom/deepzoom_server.py`` (Flask, renders every request) on the same file, all
+at once. For each DeepZoom level and client count the servers take turns, and on each server
+the load generators take turns:
 
 - ``wrk`` (what ``tile_load.py`` runs): the shuffled list of every tile of the level, cycled
   by a Lua script; its ``--latency`` table and ``done()`` summary are kept, and its latency
@@ -14,11 +18,13 @@ and for each DeepZoom level and client count lets the load generators take turns
 
 Every percentile here is computed the same way (nearest rank) from per-request times, except
 wrk's own. Each run records the 1-minute load average before and after it and the CPU used by
-the server and by the whole machine. Writes ``benchmarks/out/tiles_clients.json`` and prints a
-markdown table.
+the server (every process of its session) and by the whole machine. Writes
+``benchmarks/out/tiles_clients.json`` and prints two markdown tables: every run, and LowMag
+beside the peer.
 
     python benchmarks/tiles_clients.py --work-dir /tmp/lowmag-tail --duration 5
-    python benchmarks/tiles_clients.py --levels 14 --conc 1 --tools wrk,h2load
+    PYTHONPATH=/path/to/flask python benchmarks/tiles_clients.py --servers web,daphne \\
+        --peer /path/to/openslide-python/examples/deepzoom/deepzoom_server.py --tools h2load,wrk
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,15 +52,20 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.tiles import (  # noqa: E402
     OVERLAP,
+    SERVERS,
     TILE_SIZE,
-    daphne,
     login,
     make_slide,
     portal_env,
     setup_portal,
+    web_server,
 )
+from benchmarks.tiles_peer import peer_server  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "tiles_clients.json"
+LOWMAG_TILE = "/slides/{slide}_files/{level}/{col}_{row}.jpeg"
+PEER_TILE = "/slide_files/{level}/{col}_{row}.jpeg"  # deepzoom_server.py's one slide
+PEER_COOKIE = "bench=peer"  # the peer needs none; sent so that both get the same header load
 TOOLS = ("wrk", "h2load", "hey", "ab")
 SHUFFLE_SEED = 1234  # the order tile_load.py uses
 WRK_LUA = r"""
@@ -93,6 +105,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--conc", default="1,16,64", help="client counts, comma-separated")
     parser.add_argument("--duration", type=int, default=5, help="seconds per run")
     parser.add_argument("--tools", default=",".join(TOOLS), help="load generators, in turn")
+    parser.add_argument(
+        "--servers",
+        default="web",
+        help=f"LowMag servers, in turn ({', '.join(SERVERS)}; web = python -m portal.web)",
+    )
+    parser.add_argument(
+        "--peer",
+        type=Path,
+        default=None,
+        help="OpenSlide's examples/deepzoom/deepzoom_server.py, run beside LowMag on the same "
+        "slide and driven by the same clients (Flask importable, e.g. PYTHONPATH=...)",
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the slide here")
     parser.add_argument("--out", type=Path, default=OUT)
     return parser.parse_args()
@@ -170,9 +194,19 @@ class Usage:
         return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
 
     def _server(self) -> int:
-        with open(f"/proc/{self.pid}/stat") as stat:
-            v = stat.read().rsplit(")", 1)[1].split()
-        return int(v[11]) + int(v[12])
+        """CPU ticks of every process of the server's session (workers and children too)."""
+        total = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    v = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(v[3]) == self.pid:  # session id: servers start in their own session
+                total += int(v[11]) + int(v[12])
+        return total
 
     def __enter__(self):
         self.load0 = os.getloadavg()[0]
@@ -336,14 +370,16 @@ RUNNERS = {"wrk": run_wrk, "h2load": run_h2load, "hey": run_hey, "ab": run_ab}
 # -- setup and report ------------------------------------------------------------------------
 
 
-def shuffled_paths(slide_id: int, width: int, height: int, level: int) -> list[str]:
+def shuffled_paths(
+    slide_id: int, width: int, height: int, level: int, pattern: str = LOWMAG_TILE
+) -> list[str]:
     """Every tile of a DeepZoom level, in tile_load.py's shuffled order."""
     from analysis.heatmap import DeepZoomGeometry
 
     n_cols, n_rows = DeepZoomGeometry(width, height, TILE_SIZE, OVERLAP).level_tiles[level]
     tiles = [(col, row) for row in range(n_rows) for col in range(n_cols)]
     random.Random(SHUFFLE_SEED).shuffle(tiles)
-    return [f"/slides/{slide_id}_files/{level}/{col}_{row}.jpeg" for col, row in tiles]
+    return [pattern.format(slide=slide_id, level=level, col=col, row=row) for col, row in tiles]
 
 
 def prepare(work: Path, size: int):
@@ -362,9 +398,9 @@ def prepare(work: Path, size: int):
 
 def markdown(runs: list[dict]) -> str:
     lines = [
-        "| level | clients | tool | requests | tiles/s | p50 ms | p99 ms | p99.9 ms | max ms |"
+        "| level | clients | server | tool | requests | tiles/s | p50 ms | p99 ms | p99.9 ms | max ms |"
         " >50 ms | wrk as printed: p50, p99 ms | load 1-min | server, machine cores |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         printed = run.get("wrk_reported")
@@ -372,11 +408,35 @@ def markdown(runs: list[dict]) -> str:
         if "wrk_rule_p99_ms" in run:
             shown = f"(wrk's rule on these: p99 {run['wrk_rule_p99_ms']:.1f})"
         lines.append(
-            f"| {run['level']} | {run['clients']} | {run['tool']} | {run['requests']} | "
+            f"| {run['level']} | {run['clients']} | {run['server']} | {run['tool']} | "
+            f"{run['requests']} | "
             f"{run['tiles_per_s']:.0f} | {run['p50_ms']:.2f} | **{run['p99_ms']:.2f}** | "
             f"{run['p999_ms']:.1f} | {run['max_ms']:.1f} | {run['over_50ms']} | {shown} | "
             f"{run['load_1min'][0]} -> {run['load_1min'][1]} | "
             f"{run['server_cores']}, {run['machine_cores']} |"
+        )
+    return "\n".join(lines)
+
+
+def side_by_side(runs: list[dict]) -> str:
+    """LowMag (each server) beside the peer: same level, clients and tool, one run."""
+    peer = {(r["level"], r["clients"], r["tool"]): r for r in runs if r["server"] == "peer"}
+    if not peer:
+        return ""
+    lines = [
+        "| level | clients | tool | LowMag server | LowMag: tiles/s, p50, p99 ms |"
+        " deepzoom_server: tiles/s, p50, p99 ms | throughput ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        other = peer.get((run["level"], run["clients"], run["tool"]))
+        if run["server"] == "peer" or other is None:
+            continue
+        lines.append(
+            f"| {run['level']} | {run['clients']} | {run['tool']} | {run['server']} | "
+            f"{run['tiles_per_s']:.0f}, {run['p50_ms']:.2f}, **{run['p99_ms']:.2f}** | "
+            f"{other['tiles_per_s']:.0f}, {other['p50_ms']:.2f}, {other['p99_ms']:.2f} | "
+            f"{run['tiles_per_s'] / max(other['tiles_per_s'], 1e-9):.1f}x |"
         )
     return "\n".join(lines)
 
@@ -391,32 +451,52 @@ def main() -> None:
     if missing:
         sys.exit(f"not on PATH: {', '.join(missing)} (apt-get install wrk nghttp2-client hey "
                  "apache2-utils), or leave them out with --tools")  # fmt: skip
+    servers = [x for x in args.servers.split(",") if x]
+    if not servers or set(servers) - set(SERVERS):
+        sys.exit(f"--servers: choose from {', '.join(SERVERS)}")
+    if args.peer is not None and not args.peer.is_file():
+        sys.exit(f"--peer {args.peer}: no such file (examples/deepzoom/deepzoom_server.py)")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="lowmag-clients-"))
     scratch = Path(tempfile.mkdtemp(prefix="tile-clients-"))
     runs: list[dict] = []
     try:
         slide = prepare(work, args.size)
-        with daphne(work) as (port, pid):
-            cookie = login(port)
+        with ExitStack() as stack:
+            # every server up at once, idle while another is driven: the cells interleave
+            # (level, clients, then server by server), so a drift in the machine's load
+            # falls on all of them alike
+            bases: dict[str, tuple[str, str, str, int]] = {}
+            for server in servers:
+                port, pid = stack.enter_context(web_server(work, server))
+                bases[server] = (f"http://127.0.0.1:{port}", login(port), LOWMAG_TILE, pid)
+            if args.peer is not None:
+                port, pid = stack.enter_context(peer_server(args.peer, slide.path, work))
+                bases["peer"] = (f"http://127.0.0.1:{port}", PEER_COOKIE, PEER_TILE, pid)
             for level in (int(x) for x in args.levels.split(",")):
-                paths = shuffled_paths(slide.slide_id, slide.width, slide.height, level)
-                url_file = scratch / f"urls_{level}.txt"
-                url_file.write_text("\n".join(paths) + "\n")
-                target = Target(f"http://127.0.0.1:{port}", cookie, url_file, paths, level)
-                warm_up(target)
+                targets = {}
+                for name, (base, cookie, pattern, pid) in bases.items():
+                    paths = shuffled_paths(
+                        slide.slide_id, slide.width, slide.height, level, pattern
+                    )
+                    url_file = scratch / f"urls_{name}_{level}.txt"
+                    url_file.write_text("\n".join(paths) + "\n")
+                    targets[name] = (Target(base, cookie, url_file, paths, level), pid)
+                    warm_up(targets[name][0])
                 for clients in (int(x) for x in args.conc.split(",")):
-                    for tool in tools:
-                        time.sleep(1)
-                        with Usage(pid) as usage:
-                            run = RUNNERS[tool](target, clients, args.duration, scratch)
-                        run.update(level=level, clients=clients, **usage.result)
-                        runs.append(run)
-                        print(
-                            f"level {level} c={clients:<3d} {tool:7s} n={run['requests']:<6d} "
-                            f"p50 {run['p50_ms']:6.2f} p99 {run['p99_ms']:7.2f} "
-                            f"max {run['max_ms']:7.1f} ms  load {run['load_1min']}",
-                            flush=True,
-                        )
+                    for name, (target, pid) in targets.items():
+                        for tool in tools:
+                            time.sleep(1)
+                            with Usage(pid) as usage:
+                                run = RUNNERS[tool](target, clients, args.duration, scratch)
+                            run.update(level=level, clients=clients, server=name, **usage.result)
+                            runs.append(run)
+                            print(
+                                f"level {level} c={clients:<3d} {name:7s} {tool:7s} "
+                                f"n={run['requests']:<6d} p50 {run['p50_ms']:6.2f} "
+                                f"p99 {run['p99_ms']:7.2f} max {run['max_ms']:7.1f} ms  "
+                                f"load {run['load_1min']}",
+                                flush=True,
+                            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if args.work_dir is None:
@@ -425,6 +505,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(runs))
+    print()
+    print(side_by_side(runs))
 
 
 if __name__ == "__main__":

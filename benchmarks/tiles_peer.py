@@ -1,7 +1,7 @@
 """LowMag's tiles beside OpenSlide's example DeepZoom server, same slide, one run.
 
 Writes a synthetic 20x slide (16000 x 16000 px by default), pre-renders its DeepZoom tiles as
-the portal does after ingest, starts LowMag (daphne, as deployed) and OpenSlide's
+the portal does after ingest, starts LowMag (``python -m portal.web``, as deployed) and OpenSlide's
 ``examples/deepzoom/deepzoom_server.py`` (Flask; give the script with ``--peer``; Flask must
 be importable, e.g. ``PYTHONPATH=/path/to/flask``) on loopback ports, then drives both with
 ``tile_load.py`` (wrk) at each concurrency, the servers taking turns cell by cell. Writes
@@ -31,11 +31,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.tiles import (  # noqa: E402
     _free_port,
-    daphne,
     login,
     make_slide,
     portal_env,
     setup_portal,
+    web_server,
 )
 
 OUT = ROOT / "benchmarks" / "out" / "tiles_peer.json"
@@ -116,7 +116,7 @@ def main() -> None:
             env=env, cwd=ROOT, check=True,
         )  # fmt: skip
         load_before = os.getloadavg()
-        with daphne(work) as (port, pid), peer_server(args.peer, slide.path, work) as peer:
+        with web_server(work) as (port, pid), peer_server(args.peer, slide.path, work) as peer:
             cookie = login(port)
             lowmag = load(
                 args, "lowmag", f"http://127.0.0.1:{port}", f"/slides/{slide.slide_id}.dzi",

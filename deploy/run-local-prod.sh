@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The production topology on one machine, without containers:
-#   nginx (127.0.0.1:$NGINX_PORT) -> daphne (127.0.0.1:$DAPHNE_PORT)
+#   nginx (127.0.0.1:$NGINX_PORT) -> web: python -m portal.web (127.0.0.1:$WEB_PORT)
 #   celery worker -Q gpu -c 1, celery worker -Q cpu -c 1
 #   the local PostgreSQL (database $LOWMAG_LOCAL_DB, created if missing) and Redis.
 #
@@ -17,7 +17,7 @@ DEPLOY="$REPO/deploy"
 RUN_DIR="${LOWMAG_RUN_DIR:-$REPO/data/local-prod/run}"
 DATA_DIR="${LOWMAG_LOCAL_DATA_DIR:-$REPO/data/local-prod/data}"
 NGINX_PORT="${NGINX_PORT:-8080}"
-DAPHNE_PORT="${DAPHNE_PORT:-8001}"
+WEB_PORT="${WEB_PORT:-${DAPHNE_PORT:-8001}}"   # DAPHNE_PORT: its earlier name
 PG_HOST="${LOWMAG_PG_HOST:-127.0.0.1}"
 PG_PORT="${LOWMAG_PG_PORT:-5432}"
 PG_USER="${LOWMAG_PG_USER:-postgres}"
@@ -28,7 +28,7 @@ BIN="$(dirname "$PYTHON")"
 NGINX="${NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)}"
 START_TIMEOUT="${LOWMAG_START_TIMEOUT:-120}"
 STOP_TIMEOUT="${LOWMAG_STOP_TIMEOUT:-60}"
-SERVICES=(daphne worker-gpu worker-cpu nginx)   # start order; stop goes in reverse
+SERVICES=(web worker-gpu worker-cpu nginx)   # start order; stop goes in reverse
 
 log() { printf '[run-local-prod] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -95,7 +95,7 @@ render_nginx() {
     local dir="$RUN_DIR/nginx"
     mkdir -p "$dir/lowmag.d" "$dir/tmp"
     sed -e "s|\${NGINX_LISTEN}|127.0.0.1:$NGINX_PORT|g" \
-        -e "s|\${LOWMAG_UPSTREAM}|127.0.0.1:$DAPHNE_PORT|g" \
+        -e "s|\${LOWMAG_UPSTREAM}|127.0.0.1:$WEB_PORT|g" \
         -e "s|\${LOWMAG_STATIC_ROOT}|$DATA_DIR/static|g" \
         -e "s|\${NGINX_INCLUDE_DIR}|$dir/lowmag.d|g" \
         "$DEPLOY/nginx.conf" >"$dir/lowmag.conf"
@@ -180,8 +180,7 @@ cmd_start() {
         || { tail -n 30 "$RUN_DIR/collectstatic.log" >&2; die "collectstatic failed"; }
     render_nginx
 
-    start_service daphne "$BIN/daphne" -b 127.0.0.1 -p "$DAPHNE_PORT" --proxy-headers \
-        portal.asgi:application
+    start_service web "$PYTHON" -m portal.web --host 127.0.0.1 --port "$WEB_PORT" --proxy-headers
     start_service worker-gpu "$BIN/celery" -A portal worker -Q gpu -c 1 -n "gpu@%h" \
         --without-mingle --without-gossip -l INFO
     start_service worker-cpu "$BIN/celery" -A portal worker -Q cpu -c 1 -n "cpu@%h" \
@@ -203,7 +202,7 @@ cmd_start() {
     log "up: http://127.0.0.1:$NGINX_PORT/ (logs and PIDs in $RUN_DIR)"
 }
 
-signal_service() {  # name: ask it to stop (nginx: graceful QUIT; daphne, celery: warm TERM)
+signal_service() {  # name: ask it to stop (nginx: graceful QUIT; web, celery: warm TERM)
     local pid signal=TERM
     pid="$(pid_of "$1" || true)"
     [[ "$1" == nginx ]] && signal=QUIT
@@ -234,8 +233,8 @@ cmd_stop() {
     signal_service nginx
     reap_service nginx
     local name
-    for name in daphne worker-gpu worker-cpu; do signal_service "$name"; done
-    for name in daphne worker-gpu worker-cpu; do reap_service "$name"; done
+    for name in web worker-gpu worker-cpu; do signal_service "$name"; done
+    for name in web worker-gpu worker-cpu; do reap_service "$name"; done
 }
 
 cmd_status() {

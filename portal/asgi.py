@@ -1,4 +1,5 @@
-"""ASGI entry point (daphne): HTTP through Django, websockets through Channels."""
+"""ASGI entry point (served by ``python -m portal.web``): HTTP through the tile fast path and
+Django, websockets through Channels."""
 
 import os
 
@@ -27,12 +28,13 @@ def _freeze_startup_heap() -> None:
     tile requests: the ~1% of tiles that stalled for ~0.2 s. Those objects live as long as the
     process, so they are imported now and frozen (``gc.freeze``) out of the collector's reach.
 
-    What is left for a full pass is daphne's own: it keeps every finished request (protocol,
-    task, queue, headers; ~20 objects each) until a sweep once a second, so at a few thousand
-    tiles/s ~10^5 live objects, which a full pass walks for 20-120 ms and frees none of (they
-    are freed by reference counting at the sweep). With Python's default that ran 1-2 times a
-    second under load; after ``FULL_COLLECTION_AFTER`` middle passes it runs about once a
-    minute at full load. Young passes, which free short-lived cycles, are unchanged.
+    What is left for a full pass is the server's own live objects. Under daphne, which kept
+    every finished request (~20 objects each) until a sweep once a second, that was ~10^5
+    objects at a few thousand tiles/s, walked for 20-120 ms 1-2 times a second and none
+    freed (reference counting frees them). The server is uvicorn now, but a busy process
+    still has many live request objects between collections, so after
+    ``FULL_COLLECTION_AFTER`` middle passes, not 10, a full pass runs about once a minute at
+    full load. Young passes, which free short-lived cycles, are unchanged.
     """
     import gc
 

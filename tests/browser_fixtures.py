@@ -1,8 +1,8 @@
 """The browser-test portal and Chromium, shared by every browser test module of a session.
 
 ``portal``: a throw-away portal (SQLite file, data folder, ``tests.test_browser.seed_portal``)
-served by daphne on a free port, stopped by PID at the end. ``browser``: Debian's Chromium
-through Playwright. ``session``: one browser context (one user) per call, closed after the test.
+served by the web server as deployed (``python -m portal.web``) on a free port, stopped by PID
+at the end. ``browser``: Debian's Chromium through Playwright. ``session``: one browser context (one user) per call, closed after the test.
 """
 
 from __future__ import annotations
@@ -67,14 +67,14 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 30.0) 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"daphne exited with {process.returncode}")
+            raise RuntimeError(f"the web server exited with {process.returncode}")
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(0.2)
-    raise RuntimeError("daphne did not answer /healthz in time")
+    raise RuntimeError("the web server did not answer /healthz in time")
 
 
 @pytest.fixture(scope="session")
@@ -95,9 +95,9 @@ def portal(tmp_path_factory):
     )
     ids = json.loads(seeded.strip().splitlines()[-1])
     port = _free_port()
-    log = (tmp / "daphne.log").open("w")
+    log = (tmp / "web.log").open("w")
     server = subprocess.Popen(
-        [python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
+        [python, "-m", "portal.web", "--port", str(port)],
         cwd=REPO_ROOT,
         env=env,
         stdout=log,
@@ -106,7 +106,7 @@ def portal(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, server)
-        yield {"url": url, "db": tmp / "portal.sqlite3", "log": tmp / "daphne.log", **ids}
+        yield {"url": url, "db": tmp / "portal.sqlite3", "log": tmp / "web.log", **ids}
     finally:
         server.terminate()
         try:

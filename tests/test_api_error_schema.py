@@ -65,6 +65,16 @@ def test_every_operation_lists_the_errors_of_the_shared_machinery(openapi):
     assert not missing, "operations without their error answers:\n" + "\n".join(missing)
 
 
+def test_every_write_lists_the_database_refusing_it(openapi):
+    # portal.api.exceptions answers 409 to an IntegrityError (or a frozen row) on any write
+    writes = [(p, m, o) for p, m, o in _operations(openapi) if m != "get"]
+    assert len(writes) > 20
+    missing = [f"{m.upper()} {p}" for p, m, o in writes if "409" not in o["responses"]]
+    assert not missing, missing
+    reads = [o for _, m, o in _operations(openapi) if m == "get"]
+    assert any("409" not in o["responses"] for o in reads)  # a read does not clash
+
+
 def test_token_operations_list_the_wrong_token_throttle_with_retry_after(openapi):
     for path, method, operation in _operations(openapi):
         if {"tokenAuth": []} in operation.get("security", []):

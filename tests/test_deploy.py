@@ -20,6 +20,17 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
+# every deployment serves the portal the same way (portal/web.py), behind nginx
+WEB_COMMAND = [
+    "python",
+    "-m",
+    "portal.web",
+    "--host",
+    "0.0.0.0",
+    "--port",
+    "8000",
+    "--proxy-headers",
+]
 ENV_HELPERS = {"env_str", "env_bool", "env_int", "env_list"}
 
 
@@ -244,6 +255,7 @@ def _container(objects, name: str) -> dict:
 def test_web_probes_healthz_and_workers_consume_their_queues():
     objects = _by_kind_name()
     web = _container(objects, "lowmag-web")
+    assert web["command"] == WEB_COMMAND
     for probe in ("readinessProbe", "livenessProbe"):
         assert web[probe]["httpGet"]["path"] == "/healthz"
     gpu = _container(objects, "lowmag-worker-gpu")
@@ -308,13 +320,15 @@ def test_compose_topology_has_gpu_and_cpu_workers_on_a_shared_slides_volume():
         services["worker-cpu"]["command"][services["worker-cpu"]["command"].index("-Q") + 1]
         == "cpu"
     )
-    assert "daphne" in services["web"]["command"]
+    assert services["web"]["command"] == WEB_COMMAND
+    assert services["web"]["environment"]["LOWMAG_FORWARDED_ALLOW_IPS"] == "*"
+    assert "ports" not in services["web"]  # only nginx reaches it: forwarded headers believed
     for name in ("web", "worker-gpu", "worker-cpu", "migrate"):
         assert "slides:/data" in services[name]["volumes"]
     assert "slides" in compose["volumes"]
 
 
-def test_dockerfile_builds_frontend_then_a_non_root_daphne_image():
+def test_dockerfile_builds_frontend_then_a_non_root_web_server_image():
     text = (DEPLOY / "Dockerfile").read_text()
     stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, flags=re.MULTILINE)
     assert stages[:3] == ["frontend", "app", "nginx"] and stages[-1] == "portal"
@@ -322,7 +336,8 @@ def test_dockerfile_builds_frontend_then_a_non_root_daphne_image():
     assert "ARG TORCH_VARIANT=cpu" in text and "cuda)" in text
     assert "pip install ." in text and "collectstatic" in text
     assert re.search(r"^USER 10001", text, flags=re.MULTILINE)
-    assert '"daphne", "-b", "0.0.0.0", "-p", "8000"' in text
+    cmd = re.findall(r"^CMD (\[.*\])$", text, flags=re.MULTILINE)
+    assert json.loads(cmd[0]) == WEB_COMMAND  # the portal stage's default: the web server
 
 
 # ---- nginx --------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The production topology on this machine (deploy/run-local-prod.sh), end to end.
 
-nginx -> daphne, two Celery workers (gpu, cpu queues), the local PostgreSQL and Redis: start
+nginx -> the web server (uvicorn), two Celery workers (gpu, cpu queues), the local PostgreSQL and Redis: start
 it, check health, static files and metrics through nginx, upload a slide with tus, watch the
 analysis finish on a worker, read tiles and the job websocket through nginx, stop it and
 check nothing is left running. Skipped unless nginx is installed and PostgreSQL and Redis
@@ -71,14 +71,14 @@ class Stack:
         self.run_dir = root / "run"
         self.data_dir = root / "data"
         self.nginx_port = _free_port()
-        self.daphne_port = _free_port()
+        self.web_port = _free_port()
         self.base = f"http://127.0.0.1:{self.nginx_port}"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.endswith("_FILE")},
             "LOWMAG_RUN_DIR": str(self.run_dir),
             "LOWMAG_LOCAL_DATA_DIR": str(self.data_dir),
             "NGINX_PORT": str(self.nginx_port),
-            "DAPHNE_PORT": str(self.daphne_port),
+            "WEB_PORT": str(self.web_port),
             "LOWMAG_PYTHON": str(PYTHON),
             "LOWMAG_STOP_TIMEOUT": "30",
         }
@@ -150,9 +150,9 @@ def _alive(pid: int) -> bool:
 def test_status_reports_every_service_running(stack):
     result = stack.script("status", timeout=30)
     assert result.returncode == 0, result.stdout
-    for name in ("daphne", "worker-gpu", "worker-cpu", "nginx"):
+    for name in ("web", "worker-gpu", "worker-cpu", "nginx"):
         assert f"{name}: running" in result.stdout
-    assert set(stack.started_pids) == {"daphne", "worker-gpu", "worker-cpu", "nginx"}
+    assert set(stack.started_pids) == {"web", "worker-gpu", "worker-cpu", "nginx"}
 
 
 def test_healthz_through_nginx_reports_database_and_redis_ok(stack):
@@ -404,4 +404,4 @@ def test_stop_shuts_everything_down_and_leaves_no_process(stack):
     status = stack.script("status", timeout=30)
     assert status.returncode == 3, status.stdout
     assert not _reachable("127.0.0.1", stack.nginx_port)
-    assert not _reachable("127.0.0.1", stack.daphne_port)
+    assert not _reachable("127.0.0.1", stack.web_port)

@@ -7,10 +7,12 @@ answers that the shared machinery gives whatever the view:
   429 with ``Retry-After`` when it takes a token (the wrong-token throttle),
   503 with ``Retry-After`` everywhere (a database still locked, ``portal.core.middleware``);
 - 400 when the operation reads a request body or query parameters it validates;
+- 409 on every write (POST, PUT, PATCH, DELETE): the database refuses a duplicate or an orphan
+  (``IntegrityError``, a write racing another) or a frozen row, whatever the view checked;
 - 404 when it names an object in its path (objects of other cohorts answer 404 too) or pages
   through a list (a page past the last).
 
-What only some operations answer (409, 412, 413, 428, a lockout's 429) the view declares where
+What only some operations answer (412, 413, 428, a lockout's 429, a 409 of the view's own rules) the view declares where
 it raises it: ``error_responses = {action: {code: why}}`` on a viewset, or the error codes of
 ``extend_schema(responses=...)``. Every error answer gets one of two bodies, the shapes
 ``portal.api.exceptions`` produces: ``Error`` (``{"detail": "..."}``), and for 400
@@ -61,6 +63,10 @@ NOT_FOUND = "No such object among your cohorts' (objects of other cohorts answer
 NO_SUCH_PAGE = "No such page: the page number is past the last page."
 WRONG_TOKENS = "Too many wrong tokens from this address; retry after Retry-After seconds."
 BUSY = "The database is busy with other writes; retry after Retry-After seconds."
+CLASH = (
+    "The database refused the write: it would duplicate or orphan a record, or change a frozen "
+    "one (often a request racing another); reload and try again."
+)
 GENERIC = {
     400: INVALID,
     401: NOT_SIGNED_IN,
@@ -99,6 +105,8 @@ class AutoSchema(openapi.AutoSchema):
             answers[429] = WRONG_TOKENS
         if self._reads_input():
             answers[400] = INVALID
+        if self.method not in ("GET", "HEAD", "OPTIONS"):
+            answers[409] = CLASH
         if "{" in self.path:
             answers[404] = NOT_FOUND
         elif self._pages():

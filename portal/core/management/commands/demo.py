@@ -7,7 +7,6 @@ ingests and analyses them, then serves the portal at http://127.0.0.1:8000.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -166,9 +165,8 @@ class Command(BaseCommand):
         self.stdout.write(f"{accession}: analysis {job.state} ({total:.1f} s) {job.error}")
 
     def _serve(self, port: int) -> None:
-        daphne = shutil.which("daphne", path=str(Path(sys.executable).parent)) or "daphne"
         self.stdout.write(f"serving http://127.0.0.1:{port}/  (Ctrl+C stops)")
         try:
-            subprocess.call([daphne, "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"])
+            subprocess.call([sys.executable, "-m", "portal.web", "--port", str(port)])
         except KeyboardInterrupt:
             pass
