@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
+import time
 
 import numpy as np
 import pytest
@@ -470,3 +472,53 @@ def test_thumbnail_size_is_capped():
         with pytest.raises(ValueError, match="outside 1..4096"):
             image.thumbnail((16000, 16000))
         assert max(image.thumbnail((256, 256)).size) == 256
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_burst_of_tiles_with_one_cookie_shares_one_session_and_grant_lookup(
+    path_a, fast, monkeypatch
+):
+    """When the session and grant are due again, a viewer has dozens of tiles in flight with
+    the same cookie: one lookup of each serves all of them (before: one each, serially on
+    the database thread, so the burst's last tile waited for all of them)."""
+    from asgiref.sync import async_to_sync
+    from channels.testing import HttpCommunicator
+
+    from portal.asgi import application
+
+    calls = {"session": 0, "grant": 0}
+    session_user, grant_for = tileservice.session_user, tileservice.grant_for
+
+    def counted_session(key):
+        calls["session"] += 1
+        time.sleep(0.01)  # a database round trip: the burst arrives while it runs
+        return session_user(key)
+
+    def counted_grant(user, slide_id):
+        calls["grant"] += 1
+        time.sleep(0.01)
+        return grant_for(user, slide_id)
+
+    monkeypatch.setattr(tileservice, "session_user", counted_session)
+    monkeypatch.setattr(tileservice, "grant_for", counted_grant)
+    slide = fast["slide"]
+    cookie = f"sessionid={_session_of(path_a)}".encode()
+
+    async def burst():
+        communicators = [
+            HttpCommunicator(
+                application,
+                "GET",
+                f"/slides/{slide.pk}_files/10/{i % 2}_{i // 2 % 2}.jpeg",
+                headers=[(b"host", b"testserver"), (b"cookie", cookie)],
+            )
+            for i in range(32)
+        ]
+        return await asyncio.gather(*(c.get_response(timeout=30) for c in communicators))
+
+    responses = async_to_sync(burst)()
+    assert [r["status"] for r in responses] == [200] * 32
+    assert calls == {"session": 1, "grant": 1}
+    tileservice.reset_caches()  # due again: the next burst looks up once more, not never
+    assert [r["status"] for r in async_to_sync(burst)()] == [200] * 32
+    assert calls == {"session": 2, "grant": 2}
