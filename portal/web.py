@@ -30,6 +30,9 @@ import sys
 
 APP = "portal.asgi:application"
 GRACEFUL_SHUTDOWN_S = 10  # open websockets get a close frame; then the process exits
+# An idle keep-alive connection is kept this long: longer than nginx keeps its idle upstream
+# connections (deploy/nginx.conf, 60 s), so nginx, not the server, closes them.
+KEEPALIVE_S = 75
 
 
 def _env_int(name: str, default: int) -> int:
@@ -59,12 +62,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="believe X-Forwarded-For/-Proto from LOWMAG_FORWARDED_ALLOW_IPS (behind nginx)",
     )
+    parser.add_argument(
+        "--keepalive",
+        type=int,
+        default=_env_int("LOWMAG_WEB_KEEPALIVE_S", KEEPALIVE_S),
+        help=f"seconds an idle connection is kept (default {KEEPALIVE_S})",
+    )
     parser.add_argument("--log-level", default=os.environ.get("LOWMAG_WEB_LOG_LEVEL", "info"))
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be 1-65535, not {args.port}")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, not {args.workers}")
+    if args.keepalive < 1:
+        parser.error(f"--keepalive must be at least 1 second, not {args.keepalive}")
     return args
 
 
@@ -82,6 +93,7 @@ def server_options(args: argparse.Namespace) -> dict:
         "server_header": False,
         "proxy_headers": args.proxy_headers,
         "forwarded_allow_ips": os.environ.get("LOWMAG_FORWARDED_ALLOW_IPS", "127.0.0.1"),
+        "timeout_keep_alive": args.keepalive,
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
         "log_level": args.log_level,
     }

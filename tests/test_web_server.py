@@ -95,6 +95,7 @@ def test_the_default_options_serve_fast_and_believe_no_forwarded_header():
     assert options["access_log"] is False and options["server_header"] is False
     assert options["lifespan"] == "off"
     assert (options["host"], options["port"], options["workers"]) == ("127.0.0.1", 8000, 1)
+    assert options["timeout_keep_alive"] == web.KEEPALIVE_S
     behind = web.server_options(web.parse_args(["--proxy-headers", "--host", "0.0.0.0"]))
     assert behind["proxy_headers"] is True and behind["forwarded_allow_ips"] == "127.0.0.1"
 
@@ -105,6 +106,7 @@ def test_the_default_options_serve_fast_and_believe_no_forwarded_header():
         (["--port", "0"], {}, "--port must be 1-65535, not 0"),
         (["--workers", "0"], {}, "--workers must be at least 1, not 0"),
         ([], {"LOWMAG_WEB_PORT": "eighty"}, "LOWMAG_WEB_PORT must be a whole number, not 'eighty'"),
+        (["--keepalive", "0"], {}, "--keepalive must be at least 1 second, not 0"),
     ],
 )
 def test_bad_options_are_refused_with_one_line(argv, env, message):
@@ -176,3 +178,15 @@ def test_a_stop_closes_open_websockets_and_exits_promptly(portal):
         # uvicorn finishes its shutdown, then re-raises the signal: the status says "terminated"
         assert process.wait(timeout=web.GRACEFUL_SHUTDOWN_S + 5) in (0, -signal.SIGTERM)
         assert time.monotonic() - started < web.GRACEFUL_SHUTDOWN_S + 5
+
+
+def test_nginx_drops_idle_upstream_connections_before_the_web_server_does():
+    """Otherwise nginx may send a request on a connection the server is closing: a 502."""
+    import re
+
+    conf = (REPO_ROOT / "deploy" / "nginx.conf").read_text()
+    upstream = re.search(r"upstream lowmag_web \{(.*?)\n\}", conf, flags=re.S)
+    assert upstream is not None and re.search(r"^\s*keepalive \d+;", upstream[1], flags=re.M)
+    nginx_idle = re.search(r"keepalive_timeout (\d+)s;", upstream[1])
+    assert nginx_idle is not None
+    assert int(nginx_idle[1]) < web.KEEPALIVE_S
