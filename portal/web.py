@@ -5,10 +5,10 @@ manifests, ``deploy/run-local-prod.sh``, ``make demo``, the browser tests and th
 benchmarks. It runs ``portal.asgi:application`` under uvicorn with its C parser (httptools)
 on the libuv event loop (uvloop), websockets through ``websockets`` (its sans-I/O protocol).
 
-Why not daphne: a cached tile cost the process ~0.35-0.4 ms of CPU under daphne (Twisted's
-HTTP parsing and per-request objects) and ~0.1 ms under uvicorn, so one daphne process served
-~1,000-2,900 tiles/s and 64 viewers' tiles queued behind each other to a p99 of 54-92 ms;
-uvicorn serves the same application at ~8,000-14,000 tiles/s with a p99 of 18-29 ms
+Why not daphne: a cached tile cost the process 0.25-0.65 ms of CPU under daphne (Twisted's
+HTTP parsing and per-request objects) and 0.07-0.13 ms under uvicorn, so one daphne process
+served 1,000-4,100 tiles/s and 64 viewers' tiles queued behind each other to a p99 of 45-92 ms;
+uvicorn serves the same application at 7,600-14,100 tiles/s with a p99 of 12-29 ms
 (``benchmarks/tiles_clients.py --servers web,daphne``; ``benchmarks/README.md``, "Tiles").
 
     python -m portal.web                                # 127.0.0.1:8000, one process
