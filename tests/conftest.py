@@ -70,6 +70,26 @@ def shared_slides() -> Path:
     return SHARED_SLIDES
 
 
+def page_login(base: str, username: str, password: str):
+    """A ``requests`` session signed in through the login page of a served portal."""
+    import requests
+
+    session = requests.Session()
+    session.get(f"{base}/login/", timeout=10)
+    answer = session.post(
+        f"{base}/login/",
+        data={
+            "username": username,
+            "password": password,
+            "csrfmiddlewaretoken": session.cookies.get("csrftoken", ""),
+        },
+        headers={"Referer": f"{base}/login/"},
+        timeout=10,
+    )
+    assert "sessionid" in session.cookies, f"login failed: {answer.status_code}"
+    return session
+
+
 def shared_slide(name: str) -> Path:
     path = SHARED_SLIDES / name
     if not path.exists():
@@ -123,7 +143,7 @@ def _needs_services(item) -> bool:
     modules = _fixture_modules(item)
     if any(m.startswith(SELF_CONTAINED_FIXTURE_MODULES) for m in modules):
         return False
-    if item.get_closest_marker("django_db") is not None:
+    if item.get_closest_marker("django_db") or item.get_closest_marker("production"):
         return True
     if SERVICE_FIXTURES & set(item.fixturenames):
         return True

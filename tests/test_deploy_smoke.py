@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.conftest import page_login
+
 pytestmark = pytest.mark.production
 
 REPO = Path(__file__).resolve().parent.parent
@@ -362,19 +364,7 @@ def test_a_slide_uploaded_through_nginx_is_analysed_and_viewable(stack, tmp_path
         "--password",
         PASSWORD,
     )
-    browser = requests.Session()
-    browser.get(f"{stack.base}/login/", timeout=10)
-    login = browser.post(
-        f"{stack.base}/login/",
-        data={
-            "username": pathologist,
-            "password": PASSWORD,
-            "csrfmiddlewaretoken": browser.cookies.get("csrftoken", ""),
-        },
-        headers={"Referer": f"{stack.base}/login/"},
-        timeout=10,
-    )
-    assert "sessionid" in browser.cookies, f"login failed: {login.status_code}"
+    browser = page_login(stack.base, pathologist, PASSWORD)
     dzi = browser.get(f"{stack.base}/slides/{slide_id}.dzi", timeout=10)
     assert dzi.status_code == 200, dzi.text[:300]
     tile = browser.get(f"{stack.base}/slides/{slide_id}_files/0/0_0.jpeg", timeout=10)

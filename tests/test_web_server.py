@@ -25,26 +25,13 @@ from websockets.sync.client import connect
 
 from portal import web
 from tests.browser_fixtures import PASSWORD, _free_port, _portal_env, _wait_healthy
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, page_login
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def _login(url: str, username: str = "path_a") -> requests.Session:
-    session = requests.Session()
-    session.get(f"{url}/login/", timeout=10)
-    session.post(
-        f"{url}/login/",
-        data={
-            "username": username,
-            "password": PASSWORD,
-            "csrfmiddlewaretoken": session.cookies.get("csrftoken", ""),
-        },
-        headers={"Referer": f"{url}/login/"},
-        timeout=10,
-    )
-    assert "sessionid" in session.cookies, "login failed"
-    return session
+    return page_login(url, username, PASSWORD)
 
 
 def _ws(url: str, path: str, session: requests.Session | None = None):
