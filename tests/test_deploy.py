@@ -252,6 +252,22 @@ def _container(objects, name: str) -> dict:
     return objects[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]
 
 
+def test_only_nginx_reaches_the_web_pods_whose_forwarded_headers_are_believed():
+    objects = _by_kind_name()
+    web = _container(objects, "lowmag-web")
+    env = {e["name"]: e.get("value") for e in web.get("env", [])}
+    assert env["LOWMAG_FORWARDED_ALLOW_IPS"] == "*" and "--proxy-headers" in web["command"]
+    policy = objects[("NetworkPolicy", "lowmag-web-from-nginx")]["spec"]
+    web_labels = objects[("Deployment", "lowmag-web")]["spec"]["template"]["metadata"]["labels"]
+    nginx_labels = objects[("Deployment", "lowmag-nginx")]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= web_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= nginx_labels.items()
+    assert [p["port"] for p in rule["ports"]] == [8000]
+
+
 def test_web_probes_healthz_and_workers_consume_their_queues():
     objects = _by_kind_name()
     web = _container(objects, "lowmag-web")
