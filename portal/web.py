@@ -33,6 +33,7 @@ GRACEFUL_SHUTDOWN_S = 10  # open websockets get a close frame; then the process 
 # An idle keep-alive connection is kept this long: longer than nginx keeps its idle upstream
 # connections (deploy/nginx.conf, 60 s), so nginx, not the server, closes them.
 KEEPALIVE_S = 75
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -68,12 +69,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=_env_int("LOWMAG_WEB_KEEPALIVE_S", KEEPALIVE_S),
         help=f"seconds an idle connection is kept (default {KEEPALIVE_S})",
     )
-    parser.add_argument("--log-level", default=os.environ.get("LOWMAG_WEB_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("LOWMAG_WEB_LOG_LEVEL", "info").lower(),
+        help=f"one of {', '.join(LOG_LEVELS)} (default info)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be 1-65535, not {args.port}")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, not {args.workers}")
+    if args.log_level not in LOG_LEVELS:
+        parser.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {args.log_level!r}")
     if args.keepalive < 1:
         parser.error(f"--keepalive must be at least 1 second, not {args.keepalive}")
     return args

@@ -94,6 +94,11 @@ def test_the_default_options_serve_fast_and_believe_no_forwarded_header():
         (["--workers", "0"], {}, "--workers must be at least 1, not 0"),
         ([], {"LOWMAG_WEB_PORT": "eighty"}, "LOWMAG_WEB_PORT must be a whole number, not 'eighty'"),
         (["--keepalive", "0"], {}, "--keepalive must be at least 1 second, not 0"),
+        (
+            [],
+            {"LOWMAG_WEB_LOG_LEVEL": "loud"},
+            "--log-level must be one of critical, error, warning, info, debug, trace, not 'loud'",
+        ),
     ],
 )
 def test_bad_options_are_refused_with_one_line(argv, env, message):

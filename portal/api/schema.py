@@ -12,12 +12,12 @@ answers that the shared machinery gives whatever the view:
 - 404 when it names an object in its path (objects of other cohorts answer 404 too) or pages
   through a list (a page past the last).
 
-What only some operations answer (412, 413, 428, a lockout's 429, a 409 of the view's own rules) the view declares where
-it raises it: ``error_responses = {action: {code: why}}`` on a viewset, or the error codes of
-``extend_schema(responses=...)``. Every error answer gets one of two bodies, the shapes
-``portal.api.exceptions`` produces: ``Error`` (``{"detail": "..."}``), and for 400
-``ValidationError`` (``{field: [messages]}``, or ``{"detail": ...}`` when no one field is at
-fault).
+What only some operations answer (412, 413, 428, a lockout's 429, a 409 of the view's own
+rules) the view declares where it raises it: ``error_responses = {action: {code: why}}`` on a
+viewset, or the error codes of ``extend_schema(responses=...)``. Every error answer gets one of
+two bodies, the shapes ``portal.api.exceptions`` produces: ``Error`` (``{"detail": "..."}``),
+and for 400 ``ValidationError`` (``{field: [messages]}``, or ``{"detail": ...}`` when no one
+field is at fault).
 """
 
 from __future__ import annotations
