@@ -247,6 +247,29 @@ def test_a_batch_that_hits_a_storage_error_hands_its_claims_back(
     assert "retrying: slide storage unavailable" in jobs[0].error
 
 
+def test_a_batch_the_busy_database_interrupts_is_retried_not_left_queued(
+    warm_bundle, cohort_a, model_version, settings, monkeypatch
+):
+    from django.db import OperationalError
+
+    from analysis import pipeline
+    from portal.analyses.tasks import TransientJobError, run_analysis
+
+    def busy(*args, **kwargs):
+        raise OperationalError("database table is locked: analyses_analysisjob")
+
+    monkeypatch.setattr(pipeline, "predict_slides", busy)
+    monkeypatch.setattr(run_analysis, "max_retries", 0)
+    settings.LOWMAG_GPU_BATCH_SLIDES = 4
+    jobs = queued_jobs(cohort_a, model_version, [GOOD, GOOD])
+    with pytest.raises(TransientJobError):  # Celery retries it with backoff
+        run(jobs[0])
+    for job in jobs:
+        job.refresh_from_db()
+        assert job.state == "queued" and job.lease_expires_at is None
+    assert "retrying: database table is locked" in jobs[0].error
+
+
 def test_batch_size_one_keeps_one_slide_per_task(
     warm_bundle, calls, cohort_a, model_version, settings
 ):

@@ -88,3 +88,46 @@ def test_a_slide_is_analysed_with_the_model_activated_after_its_cohort_was_loade
     Cohort.objects.filter(pk=cohort.pk).update(active_model=model_version)
     job = request_analysis(slide_a)
     assert job is not None and job.model_version == model_version
+
+
+def test_a_progress_report_the_busy_database_refuses_does_not_stop_the_analysis(
+    queued_job, monkeypatch, caplog
+):
+    """SQLite answers "database table is locked" to a write racing a reader (the shared-cache
+    test database at once, the embedded default after its busy timeout): the report is skipped,
+    the analysis goes on, and the next report is written."""
+    from django.db import OperationalError
+
+    from portal.analyses.tasks import _ProgressReporter
+
+    AnalysisJob.objects.filter(pk=queued_job.pk).update(state="running")
+    reporter = _ProgressReporter(queued_job, min_interval_s=0.0)
+    record = reporter._record
+    answers = iter([OperationalError("database table is locked: analyses_analysisjob")])
+
+    def busy_once(stage, fraction):
+        for exc in answers:
+            raise exc
+        record(stage, fraction)
+
+    monkeypatch.setattr(reporter, "_record", busy_once)
+    reporter("features", 0.0)  # refused: no exception
+    assert "not recorded" in caplog.text
+    reporter("features", 1.0)
+    queued_job.refresh_from_db()
+    assert (queued_job.stage, queued_job.progress) == ("features", 1.0)
+
+
+def test_a_progress_report_fails_on_a_database_error_that_is_not_a_lock(queued_job, monkeypatch):
+    from django.db import OperationalError
+
+    from portal.analyses.tasks import _ProgressReporter
+
+    reporter = _ProgressReporter(queued_job)
+
+    def broken(stage, fraction):
+        raise OperationalError("no such table: analyses_analysisjob")
+
+    monkeypatch.setattr(reporter, "_record", broken)
+    with pytest.raises(OperationalError):
+        reporter("features", 0.0)

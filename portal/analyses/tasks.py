@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 from celery import shared_task
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, OperationalError, transaction
 from django.utils import timezone
 
 from analysis.errors import AnalysisError
@@ -30,6 +30,7 @@ from portal.analyses import progress as live
 from portal.analyses.models import AnalysisJob, ModelVersion, Prediction
 from portal.core.dispatch import dispatch
 from portal.core.metrics import publish_worker_memory
+from portal.core.middleware import is_database_busy
 
 if TYPE_CHECKING:
     from analysis.pipeline import SlidePrediction
@@ -159,6 +160,22 @@ class _ProgressReporter:
         if fraction not in (0.0, 1.0) and now - self._last < self.min_interval_s:
             return
         self._last = now
+        try:
+            self._record(stage, fraction)
+        except OperationalError as exc:
+            if not is_database_busy(exc):
+                raise
+            # a report is worth less than the analysis: the next one (or the result) follows
+            log.warning(
+                "jobs %s: progress %s %.2f not recorded: %s", self.live, stage, fraction, exc
+            )
+            return
+        for pk in self.live:
+            live.job_update(
+                pk, {"state": AnalysisJob.State.RUNNING, "stage": stage, "progress": fraction}
+            )
+
+    def _record(self, stage: str, fraction: float) -> None:
         cancelled = AnalysisJob.objects.filter(pk__in=self.live, state=AnalysisJob.State.CANCELLED)
         self.cancelled.update(cancelled.values_list("pk", flat=True))
         self.live = [pk for pk in self.live if pk not in self.cancelled]
@@ -167,10 +184,6 @@ class _ProgressReporter:
         AnalysisJob.objects.filter(pk__in=self.live).update(stage=stage, progress=fraction)
         if self.holder:
             AnalysisJob.renew(self.live, self.holder, self.lease_s)
-        for pk in self.live:
-            live.job_update(
-                pk, {"state": AnalysisJob.State.RUNNING, "stage": stage, "progress": fraction}
-            )
 
 
 def _store_prediction(job: AnalysisJob, result) -> Prediction:
@@ -240,12 +253,12 @@ def run_analysis(self, job_id: int) -> str:
     )
     try:
         outcomes = _analyse(jobs, holder, lease_s)
-    except (OSError, ConnectionError) as exc:
+    except BaseException as exc:
         AnalysisJob.release([claimed.pk for claimed in jobs], holder)
-        AnalysisJob.objects.filter(pk=job.pk).update(error=f"retrying: {exc}")
-        raise TransientJobError(str(exc)) from exc
-    except BaseException:
-        AnalysisJob.release([claimed.pk for claimed in jobs], holder)
+        # storage or a database busy with other writes: the same slides, again, a bit later
+        if isinstance(exc, (OSError, ConnectionError)) or is_database_busy(exc):
+            AnalysisJob.objects.filter(pk=job.pk).update(error=f"retrying: {exc}")
+            raise TransientJobError(str(exc)) from exc
         raise
     predictions = [
         _conclude(claimed, outcome) for claimed, outcome in zip(jobs, outcomes, strict=True)
