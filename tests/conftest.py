@@ -155,8 +155,9 @@ def _needs_services(item) -> bool:
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("LOWMAG_SERVICES_PASS") != "1":
         return
-    kept = [item for item in items if _needs_services(item)]
-    once = [item for item in items if not _needs_services(item)]
+    kept, once = [], []
+    for item in items:
+        (kept if _needs_services(item) else once).append(item)
     if once:
         config.hook.pytest_deselected(items=once)
         items[:] = kept

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection
 from django.utils import timezone
 
 from analysis.bundle import load_bundle
@@ -226,39 +226,24 @@ def test_a_worker_that_reports_progress_keeps_its_claim(cohort_a, model_version)
         assert (job.state, job.stage) == ("running", "features")
 
 
-def test_a_batch_that_hits_a_storage_error_hands_its_claims_back(
-    warm_bundle, cohort_a, model_version, settings, monkeypatch
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError("slide storage unavailable"),
+        OperationalError("database table is locked: analyses_analysisjob"),
+    ],
+    ids=["storage", "busy-database"],
+)
+def test_a_batch_a_transient_error_interrupts_hands_its_claims_back_and_is_retried(
+    warm_bundle, cohort_a, model_version, settings, monkeypatch, error
 ):
     from analysis import pipeline
     from portal.analyses.tasks import TransientJobError, run_analysis
 
-    def storage_gone(*args, **kwargs):
-        raise OSError("slide storage unavailable")
+    def interrupted(*args, **kwargs):
+        raise error
 
-    monkeypatch.setattr(pipeline, "predict_slides", storage_gone)
-    monkeypatch.setattr(run_analysis, "max_retries", 0)
-    settings.LOWMAG_GPU_BATCH_SLIDES = 4
-    jobs = queued_jobs(cohort_a, model_version, [GOOD, GOOD])
-    with pytest.raises(TransientJobError):
-        run(jobs[0])
-    for job in jobs:
-        job.refresh_from_db()
-        assert job.state == "queued" and job.lease_expires_at is None  # anyone may run it
-    assert "retrying: slide storage unavailable" in jobs[0].error
-
-
-def test_a_batch_the_busy_database_interrupts_is_retried_not_left_queued(
-    warm_bundle, cohort_a, model_version, settings, monkeypatch
-):
-    from django.db import OperationalError
-
-    from analysis import pipeline
-    from portal.analyses.tasks import TransientJobError, run_analysis
-
-    def busy(*args, **kwargs):
-        raise OperationalError("database table is locked: analyses_analysisjob")
-
-    monkeypatch.setattr(pipeline, "predict_slides", busy)
+    monkeypatch.setattr(pipeline, "predict_slides", interrupted)
     monkeypatch.setattr(run_analysis, "max_retries", 0)
     settings.LOWMAG_GPU_BATCH_SLIDES = 4
     jobs = queued_jobs(cohort_a, model_version, [GOOD, GOOD])
@@ -266,8 +251,8 @@ def test_a_batch_the_busy_database_interrupts_is_retried_not_left_queued(
         run(jobs[0])
     for job in jobs:
         job.refresh_from_db()
-        assert job.state == "queued" and job.lease_expires_at is None
-    assert "retrying: database table is locked" in jobs[0].error
+        assert job.state == "queued" and job.lease_expires_at is None  # anyone may run it
+    assert f"retrying: {error}" in jobs[0].error
 
 
 def test_batch_size_one_keeps_one_slide_per_task(

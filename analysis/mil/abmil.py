@@ -103,9 +103,14 @@ class AttentionPooledMIL(nn.Module):
     """Prediction and class evidence of a model that pools ``embed``-ded instances with
     ``attention`` and classifies the pooled vector with ``head`` (ABMIL, CLAM-SB)."""
 
-    embed: nn.Module
-    attention: GatedAttention
-    head: nn.Linear
+    def __init__(self, config: ABMILConfig) -> None:  # or CLAMConfig, which extends it
+        super().__init__()
+        self.config = config
+        self.embed = nn.Sequential(
+            nn.Linear(config.in_dim, config.dim), nn.ReLU(), nn.Dropout(config.dropout)
+        )
+        self.attention = GatedAttention(config.dim, config.attn_dim, config.dropout)
+        self.head = nn.Linear(config.dim, config.n_classes)
 
     def forward(self, features: Tensor, coords: Tensor | None = None) -> tuple[Tensor, Tensor]:
         features, _, batched = as_bag(features, coords)
@@ -127,11 +132,4 @@ class AttentionPooledMIL(nn.Module):
 class ABMIL(AttentionPooledMIL):
     """``forward(features, coords) -> (logits, instance_scores)``; scores are attention weights."""
 
-    def __init__(self, config: ABMILConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.embed = nn.Sequential(
-            nn.Linear(config.in_dim, config.dim), nn.ReLU(), nn.Dropout(config.dropout)
-        )
-        self.attention = GatedAttention(config.dim, config.attn_dim, config.dropout)
-        self.head = nn.Linear(config.dim, config.n_classes)
+    config: ABMILConfig

@@ -15,17 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from analysis.mil.abmil import AttentionPooledMIL, GatedAttention
+from analysis.mil.abmil import ABMILConfig, AttentionPooledMIL
 from analysis.mil.bag import as_bag
 
 
 @dataclass
-class CLAMConfig:
-    in_dim: int = 1024  # patch embedding size
-    dim: int = 512  # instance embedding width
-    attn_dim: int = 256  # hidden width of the gated attention network
-    n_classes: int = 2
-    dropout: float = 0.0
+class CLAMConfig(ABMILConfig):
+    """ABMIL's fields (in_dim, dim, attn_dim, n_classes, dropout), then CLAM's own."""
+
     k_sample: int = 8  # instances taken from each end of the attention ranking
     instance_loss: str = "svm"  # "svm" (smooth top-1 SVM) or "ce"
     subtyping: bool = False  # also train other classes' classifiers on the top-k as negatives
@@ -48,14 +45,10 @@ def smooth_svm_loss(
 class CLAMSB(AttentionPooledMIL):
     """``forward(features, coords) -> (logits, instance_scores)``; plus ``forward_train``."""
 
+    config: CLAMConfig
+
     def __init__(self, config: CLAMConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.embed = nn.Sequential(
-            nn.Linear(config.in_dim, config.dim), nn.ReLU(), nn.Dropout(config.dropout)
-        )
-        self.attention = GatedAttention(config.dim, config.attn_dim, config.dropout)
-        self.head = nn.Linear(config.dim, config.n_classes)
+        super().__init__(config)
         self.instance_heads = nn.ModuleList(
             nn.Linear(config.dim, 2) for _ in range(config.n_classes)
         )
